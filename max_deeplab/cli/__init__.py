@@ -1,0 +1,1 @@
+"""Command-line verbs. Each module here exposes `main(argv: list[str]) -> int`."""

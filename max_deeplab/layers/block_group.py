@@ -1,0 +1,122 @@
+"""A stage of residual blocks, each optionally followed by a dual-path transformer block.
+
+Paper §3.3: the dual-path transformer "can be inserted at any stride": a block group at
+(nominal ResNet) stride >= `use_transformer_beyond_stride` pairs every P2P block with a
+memory-path layer. Blocks at stride >= `use_axial_beyond_stride` use axial attention for
+P2P, others convolution. Strides beyond the output stride become atrous rates.
+"""
+from __future__ import annotations
+
+import math
+
+import gin
+import tensorflow as tf
+import tf_keras as tfk
+
+from max_deeplab.layers.convolutions import BatchNormFactory, get_activation
+from max_deeplab.layers.drop_path import constant_or_linear_keep_prob
+from max_deeplab.layers.dual_path_transformer import DualPathTransformerBlock
+from max_deeplab.layers.residual_blocks import ResidualBlock
+
+
+@gin.configurable
+class BlockGroup(tfk.layers.Layer):
+    """Residual blocks of one resolution, with optional dual-path transformer layers.
+
+    Args:
+      filters: base width of the group (the 3x3/attention width of a bottleneck).
+      num_blocks: residual blocks in the group.
+      original_resnet_stride: stride of the group's first block in the plain ResNet (1/2).
+      original_resnet_input_stride: total input stride in the plain ResNet; with an output
+        stride cap, striding beyond it turns into dilation.
+      output_stride: largest stride of the network (paper: 16).
+      backbone_type: 'resnet_beta' / 'resnet' (bottlenecks) or 'wider_resnet' (basic blocks
+        and a wide last stage).
+      use_axial_beyond_stride: axial attention P2P at strides >= this (0: never).
+      use_transformer_beyond_stride: dual-path transformer at strides >= this (0: never).
+      transformer_expansion: width multiplier of the transformer (filters = 128 * it).
+      drop_path_keep_prob: keep probability at stride >= drop_path_beyond_stride (paper 0.8).
+      attention_bottleneck_expansion: width of an axial block's 1x1 convs vs `filters`.
+    """
+
+    def __init__(self, filters: int, num_blocks: int, name: str, *,
+                 original_resnet_stride: int, original_resnet_input_stride: int,
+                 output_stride: int = 16, backbone_type: str = "resnet_beta",
+                 use_axial_beyond_stride: int = 16, use_transformer_beyond_stride: int = 32,
+                 transformer_expansion: float = 1.0, drop_path_keep_prob: float = 0.8,
+                 drop_path_beyond_stride: int = 16, drop_path_schedule: str = "constant",
+                 attention_bottleneck_expansion: int = 2, activation: str = "relu",
+                 axial_layer_config: dict | None = None,
+                 dual_path_transformer_config: dict | None = None,
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization):
+        super().__init__(name=name)
+        for what, value in (("original_resnet_input_stride", original_resnet_input_stride),
+                            ("output_stride", output_stride)):
+            if value & (value - 1):
+                raise ValueError(f"{what} must be a power of 2, got {value}")
+        self._num_blocks = num_blocks
+        self._activation_fn = get_activation(activation)
+        current_stride = original_resnet_input_stride
+        for index in range(num_blocks):
+            first = index == 0
+            strides = (original_resnet_stride
+                       if first and original_resnet_input_stride < output_stride else 1)
+            atrous_rate = current_stride // output_stride if current_stride > output_stride else 1
+            end_stride = original_resnet_input_stride * original_resnet_stride
+            second_rate = (end_stride // output_stride if first and end_stride > output_stride
+                           else atrous_rate)
+            keep_prob = 1.0
+            if current_stride >= drop_path_beyond_stride:
+                keep_prob = constant_or_linear_keep_prob(
+                    drop_path_keep_prob, drop_path_schedule,
+                    int(round(math.log2(current_stride) - 1)))
+            attention_type = None
+            if current_stride >= use_axial_beyond_stride > 0:
+                attention_type = "axial"
+                filters_list = [filters * attention_bottleneck_expansion, filters, filters * 4]
+            elif backbone_type in ("resnet", "resnet_beta"):
+                filters_list = [filters, filters, filters * 4]
+            elif backbone_type == "wider_resnet":
+                filters_list = ([filters * 4, filters * 4] if end_stride < 32
+                                else [filters, filters * 2, filters * 4])
+            else:
+                raise ValueError(f"backbone_type must be 'resnet', 'resnet_beta' or "
+                                 f"'wider_resnet', got {backbone_type!r}")
+            setattr(self, f"_block{index + 1}", ResidualBlock(
+                filters_list, f"block{index + 1}", strides=strides, atrous_rate=atrous_rate,
+                attention_type=attention_type, drop_path_keep_prob=keep_prob,
+                activation=activation, axial_layer_config=axial_layer_config,
+                basic_block_second_conv_atrous_rate=second_rate, bn_layer=bn_layer))
+            if first and original_resnet_stride > 1:
+                current_stride *= original_resnet_stride
+            transformer = None
+            if current_stride >= use_transformer_beyond_stride > 0:
+                transformer = DualPathTransformerBlock(
+                    name=f"block{index + 1}_transformer",
+                    filters=int(128 * transformer_expansion), drop_path_keep_prob=keep_prob,
+                    activation=activation, bn_layer=bn_layer,
+                    **(dual_path_transformer_config or {}))
+            setattr(self, f"_block{index + 1}_transformer", transformer)
+
+    @property
+    def transformer_blocks(self) -> list[DualPathTransformerBlock]:
+        blocks = (getattr(self, f"_block{i + 1}_transformer") for i in range(self._num_blocks))
+        return [b for b in blocks if b is not None]
+
+    def call(self, inputs, training: bool | None = None):
+        """(activated pixels [b,h,w,c], memory [b,N,Cm] or None) -> (pixels, activated, memory)."""
+        activated, memory = inputs
+        features = activated
+        for index in range(self._num_blocks):
+            features, activated = getattr(self, f"_block{index + 1}")(activated,
+                                                                      training=training)
+            transformer = getattr(self, f"_block{index + 1}_transformer")
+            if transformer is not None:
+                if memory is None:
+                    raise ValueError(f"{self.name}: a dual-path transformer needs the memory")
+                _, height, width, channels = features.shape.as_list()
+                flat = tf.reshape(features, [-1, height * width, channels])
+                flat, flat_activated, memory = transformer((flat, memory), training=training)
+                features = tf.reshape(flat, [-1, height, width, channels])
+                activated = tf.reshape(flat_activated, [-1, height, width, channels])
+        return features, activated, memory

@@ -1,0 +1,165 @@
+"""Convolution + batch norm + activation wrappers used throughout MaX-DeepLab.
+
+Sub-layer attribute names (`_conv`, `_batch_norm`, `_depthwise`, `_pointwise`) and weight
+names follow the reference implementation's checkpoint layout (see
+`shared/reference/deeplab2/README.md`), so its published checkpoints map onto ours one
+to one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+import tf_keras as tfk
+
+BatchNormFactory = Callable[..., tfk.layers.Layer]
+
+
+def get_activation(name: str | None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Maps an activation name ('relu', 'gelu', 'swish', 'none'/None) to a function."""
+    if name is None or name.lower() in ("none", "linear"):
+        return tf.identity
+    table = {
+        "relu": tf.nn.relu,
+        "gelu": lambda x: tf.nn.gelu(x, approximate=False),
+        "approximated_gelu": lambda x: tf.nn.gelu(x, approximate=True),
+        "swish": tf.nn.silu,
+        "silu": tf.nn.silu,
+        "elu": tf.nn.elu,
+        "sigmoid": tf.nn.sigmoid,
+        "softmax": tf.nn.softmax,
+    }
+    if name.lower() not in table:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(table)}")
+    return table[name.lower()]
+
+
+def symmetric_padding(kernel_size: int, atrous_rate: int) -> tuple[int, int]:
+    """Padding that centres a (dilated) kernel, for strided convolutions.
+
+    Keras 'same' padding puts the extra pixel at the bottom/right for even inputs; strided
+    convolutions here pad symmetrically so feature maps of size 4k+1 stay aligned with
+    their input (the 641 -> 321 -> 161 -> 81 -> 41 grid).
+    """
+    effective = kernel_size + (kernel_size - 1) * (atrous_rate - 1)
+    total = effective - 1
+    return total // 2, total - total // 2
+
+
+class ConvBN(tfk.layers.Layer):
+    """2-D convolution, optional batch norm, optional activation.
+
+    Stride 1 uses 'same' padding; stride > 1 pads symmetrically and convolves 'valid'.
+    """
+
+    def __init__(self, filters: int, kernel_size: int, name: str, *, strides: int = 1,
+                 atrous_rate: int = 1, use_bias: bool = False, use_bn: bool = True,
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization,
+                 bn_gamma_initializer: str = "ones", activation: str | None = None,
+                 kernel_initializer="he_normal", weight_decay: float = 0.0):
+        super().__init__(name=name)
+        if use_bn and use_bias:
+            raise ValueError(f"{name}: a convolution followed by batch norm takes no bias")
+        self._strides = strides
+        padding = "same"
+        if strides > 1:
+            self._padding = symmetric_padding(kernel_size, atrous_rate)
+            padding = "valid"
+        self._conv = tfk.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+            dilation_rate=atrous_rate, name="conv", kernel_initializer=kernel_initializer,
+            kernel_regularizer=tfk.regularizers.l2(weight_decay) if weight_decay else None)
+        self._batch_norm = (bn_layer(axis=3, name="batch_norm",
+                                     gamma_initializer=bn_gamma_initializer)
+                            if use_bn else None)
+        self._activation_fn = get_activation(activation)
+
+    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if self._strides > 1:
+            lo, hi = self._padding
+            x = tf.pad(x, [[0, 0], [lo, hi], [lo, hi], [0, 0]])
+        x = self._conv(x)
+        if self._batch_norm is not None:
+            x = self._batch_norm(x, training=training)
+        return self._activation_fn(x)
+
+
+class Conv1DBN(tfk.layers.Layer):
+    """1x1 convolution over a [batch, length, channels] sequence, batch norm, activation.
+
+    Used for every projection on the memory path (paper §3.3) and for flattened pixels.
+    """
+
+    def __init__(self, filters: int, name: str, *, use_bias: bool = False, use_bn: bool = True,
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization,
+                 bn_gamma_initializer="ones", activation: str | None = None,
+                 kernel_initializer="he_normal", weight_decay: float = 0.0):
+        super().__init__(name=name)
+        if use_bn and use_bias:
+            raise ValueError(f"{name}: a convolution followed by batch norm takes no bias")
+        self._conv = tfk.layers.Conv1D(
+            filters, 1, use_bias=use_bias, name="conv", kernel_initializer=kernel_initializer,
+            kernel_regularizer=tfk.regularizers.l2(weight_decay) if weight_decay else None)
+        self._batch_norm = (bn_layer(axis=2, name="batch_norm",
+                                     gamma_initializer=bn_gamma_initializer)
+                            if use_bn else None)
+        self._activation_fn = get_activation(activation)
+
+    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        x = self._conv(x)
+        if self._batch_norm is not None:
+            x = self._batch_norm(x, training=training)
+        return self._activation_fn(x)
+
+
+class DepthwiseConvBN(tfk.layers.Layer):
+    """Depthwise 2-D convolution (stride 1, 'same'), batch norm, activation."""
+
+    def __init__(self, kernel_size: int, name: str, *,
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization,
+                 activation: str | None = "relu"):
+        super().__init__(name=name)
+        self._depthwise_conv = tfk.layers.DepthwiseConv2D(
+            kernel_size, padding="same", use_bias=False, name="depthwise_conv")
+        self._batch_norm = bn_layer(axis=3, name="batch_norm")
+        self._activation_fn = get_activation(activation)
+
+    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        return self._activation_fn(self._batch_norm(self._depthwise_conv(x), training=training))
+
+
+class SeparableConvBN(tfk.layers.Layer):
+    """Depthwise kxk conv-BN-act followed by pointwise 1x1 conv-BN-act."""
+
+    def __init__(self, filters: int, kernel_size: int, name: str, *,
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization,
+                 activation: str | None = "relu"):
+        super().__init__(name=name)
+        self._depthwise = DepthwiseConvBN(kernel_size, "depthwise", bn_layer=bn_layer,
+                                          activation=activation)
+        self._pointwise = ConvBN(filters, 1, "pointwise", bn_layer=bn_layer,
+                                 activation=activation)
+
+    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        return self._pointwise(self._depthwise(x, training=training), training=training)
+
+
+class SeparableConvBlock(tfk.layers.Layer):
+    """One depthwise-separable 5x5 conv-BN-ReLU, held as `_conv1_bn_act` (head/fusion block)."""
+
+    def __init__(self, filters: int, name: str, *, kernel_size: int = 5,
+                 conv_type: str = "depthwise_separable_conv",
+                 bn_layer: BatchNormFactory = tfk.layers.BatchNormalization):
+        super().__init__(name=name)
+        if conv_type == "depthwise_separable_conv":
+            self._conv1_bn_act = SeparableConvBN(filters, kernel_size, "conv1_bn_act",
+                                                 bn_layer=bn_layer)
+        elif conv_type == "standard_conv":
+            self._conv1_bn_act = ConvBN(filters, kernel_size, "conv1_bn_act", bn_layer=bn_layer,
+                                        activation="relu")
+        else:
+            raise ValueError(f"conv_type must be 'depthwise_separable_conv' or 'standard_conv', "
+                             f"got {conv_type!r}")
+
+    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        return self._conv1_bn_act(x, training=training)

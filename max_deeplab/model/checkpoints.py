@@ -1,0 +1,113 @@
+"""Checkpoint keys of a model's variables and restoring with a clear report of mismatches."""
+from __future__ import annotations
+
+import collections
+import os
+
+import tensorflow as tf
+
+VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def checkpoint_keys(root: tf.Module | dict, prefix: str = "") -> dict[str, tf.Variable]:
+    """Maps each variable reachable from `root` to the key `tf.train.Checkpoint` saves it
+    under (breadth-first shortest attribute path, as TensorFlow names them).
+
+    `root` may be a trackable or a dict of named trackables (like `tf.train.Checkpoint(**d)`).
+    """
+    children = root.items() if isinstance(root, dict) else None
+    queue = collections.deque()
+    seen: set[int] = set()
+    keys: dict[str, tf.Variable] = {}
+    if children is None:
+        queue.append((prefix.rstrip("/"), root))
+    else:
+        for name, obj in children:
+            queue.append((f"{prefix}{name}", obj))
+    while queue:
+        path, obj = queue.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, tf.Variable):
+            keys[path + VARIABLE_SUFFIX] = obj
+            continue
+        trackable_children = getattr(obj, "_trackable_children", None)
+        if trackable_children is None:
+            continue
+        for name, child in trackable_children(save_type="checkpoint").items():
+            queue.append((f"{path}/{name}" if path else name, child))
+    return keys
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    """A checkpoint prefix from a directory (latest checkpoint) or a prefix."""
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint found in directory {path!r}")
+        return latest
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a directory holding a "
+                            f"'checkpoint' file or a prefix with a '.index' file)")
+
+
+def describe_mismatch(missing: dict[str, tuple], unused: dict[str, tuple],
+                      limit: int = 20) -> str:
+    """Lists unmatched names on both sides, each missing one with its closest shape match."""
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} model variable(s) not found in the checkpoint:")
+        by_shape = collections.defaultdict(list)
+        for name, shape in unused.items():
+            by_shape[tuple(shape)].append(name)
+        for name, shape in list(missing.items())[:limit]:
+            same = by_shape.get(tuple(shape), [])
+            hint = f"  (same shape in checkpoint: {same[0]})" if same else ""
+            lines.append(f"  - {name} {list(shape)}{hint}")
+        if len(missing) > limit:
+            lines.append(f"  ... and {len(missing) - limit} more")
+    if unused:
+        lines.append(f"{len(unused)} checkpoint variable(s) not used by the model:")
+        for name, shape in list(unused.items())[:limit]:
+            lines.append(f"  - {name} {list(shape)}")
+        if len(unused) > limit:
+            lines.append(f"  ... and {len(unused) - limit} more")
+    return "\n".join(lines)
+
+
+def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
+            allow_unused: bool = True) -> str:
+    """Loads every model weight from a checkpoint written by `train` or `import-checkpoint`.
+
+    Checkpoints hold the model under `root_name` (`tf.train.Checkpoint(model=model, ...)`);
+    other entries (optimizer, step) are ignored. Raises ValueError listing unmatched
+    variables on each side (with the closest shape matches) if any model weight is missing
+    or has another shape. Returns the checkpoint prefix that was read.
+    """
+    prefix = resolve_checkpoint_path(path)
+    reader = tf.train.load_checkpoint(prefix)
+    available = reader.get_variable_to_shape_map()
+    wanted = checkpoint_keys({root_name: model})
+    missing, mismatched = {}, []
+    for key, var in wanted.items():
+        if key not in available:
+            missing[key] = tuple(var.shape)
+        elif tuple(available[key]) != tuple(var.shape):
+            mismatched.append(f"  - {key}: model {list(var.shape)}, "
+                              f"checkpoint {list(available[key])}")
+    model_prefix = root_name + "/"
+    unused = {k: tuple(s) for k, s in available.items()
+              if k.startswith(model_prefix) and k not in wanted
+              and not k.endswith(".OPTIMIZER_SLOT") and "/.OPTIMIZER_SLOT/" not in k}
+    if missing or mismatched or (unused and not allow_unused):
+        message = [f"checkpoint {prefix} does not match the model:"]
+        if mismatched:
+            message.append(f"{len(mismatched)} variable(s) with a different shape:")
+            message.extend(mismatched[:20])
+        message.append(describe_mismatch(missing, unused))
+        raise ValueError("\n".join(m for m in message if m))
+    for key, var in wanted.items():
+        var.assign(reader.get_tensor(key))
+    return prefix

@@ -1,0 +1,151 @@
+"""The MaX-DeepLab model: encoder + mask transformer output heads (paper §3.1, §3.3).
+
+Outputs (stride-4 maps are not upsampled, see DESIGN.md §3):
+- `mask_logits [B, H/4, W/4, N]`: BN(f · g) — softmax over N gives the masks m̂ (Eq. 9);
+- `class_logits [B, N, C+1]`: last index is the void class ∅;
+- `pixel_feature [B, H/4, W/4, D]`: the L2-normalised decoder feature g;
+- `semantic_logits [B, H/4, W/4, C]`: the auxiliary semantic head.
+"""
+from __future__ import annotations
+
+import math
+
+import gin
+import tensorflow as tf
+import tf_keras as tfk
+
+from max_deeplab.layers.convolutions import Conv1DBN
+from max_deeplab.model.encoder import MaXDeepLabEncoder
+from max_deeplab.model.heads import ConvHead, SemanticDecoder
+
+OUTPUT_KEYS = ("mask_logits", "class_logits", "pixel_feature", "semantic_logits")
+
+
+@gin.configurable
+def batch_norm_layer(momentum: float = 0.99, epsilon: float = 1e-3,
+                     synchronized: bool = False):
+    """The batch-norm factory every layer uses. `synchronized=True` gives cross-replica BN
+    (the paper trains with synchronised BN on TPU)."""
+    cls = (tfk.layers.experimental.SyncBatchNormalization if synchronized
+           else tfk.layers.BatchNormalization)
+
+    def make(**kwargs):
+        return cls(momentum=momentum, epsilon=epsilon, **kwargs)
+    return make
+
+
+@gin.configurable
+class MaXDeepLab(tfk.Model):
+    """MaX-DeepLab panoptic model.
+
+    Args:
+      num_classes: C, the number of thing + stuff classes (COCO: 133).
+      mask_dim: D, channels of the mask embeddings f and pixel features g (paper: 128).
+      pixel_head_channels / semantic_head_channels: widths of the 5x5 head convs.
+      void_prior_prob: initial void probability of every slot (a constant logit offset,
+        as in the reference implementation): 0.9.
+      use_semantic_head: build the auxiliary semantic head (training-only, Eq. §3.4).
+      encoder: the encoder (gin-configured `MaXDeepLabEncoder` by default).
+    """
+
+    def __init__(self, num_classes: int = 133, mask_dim: int = 128,
+                 pixel_head_channels: int = 256, semantic_head_channels: int = 256,
+                 void_prior_prob: float = 0.9, use_semantic_head: bool = True,
+                 encoder: tfk.layers.Layer | None = None, name: str = "max_deeplab"):
+        super().__init__(name=name)
+        bn = batch_norm_layer()
+        self.num_classes = num_classes
+        self.encoder = encoder if encoder is not None else MaXDeepLabEncoder(bn_layer=bn)
+        self.pixel_space_head = ConvHead(pixel_head_channels, mask_dim, "pixel_space_head",
+                                         bn_layer=bn)
+        self.transformer_mask_head = Conv1DBN(mask_dim, "transformer_mask_head", bn_layer=bn)
+        self.transformer_class_head = Conv1DBN(
+            num_classes + 1, "transformer_class_head", use_bias=True, use_bn=False,
+            kernel_initializer=tfk.initializers.TruncatedNormal(stddev=0.01))
+        self.pixel_space_feature_batch_norm = bn(axis=-1, name="pixel_space_feature_batch_norm")
+        # A low initial temperature on the mask logits (gamma 0.1), shared by all slots.
+        self.pixel_space_mask_batch_norm = bn(
+            axis=-1, name="pixel_space_mask_batch_norm",
+            gamma_initializer=tfk.initializers.Constant(0.1))
+        self._void_logit_offset = math.log(num_classes * void_prior_prob / (1 - void_prior_prob))
+        self.use_semantic_head = use_semantic_head
+        self.semantic_decoder = None
+        self.semantic_head = None
+        if use_semantic_head:
+            # With no stacked decoder the semantic feature is the stride-16 backbone output,
+            # which needs its own decoder to reach stride 4.
+            if not getattr(self.encoder, "_extra_decoder_num_stacks", 0):
+                self.semantic_decoder = SemanticDecoder(bn_layer=bn)
+            self.semantic_head = ConvHead(semantic_head_channels, num_classes, "semantic_head",
+                                          bn_layer=bn)
+
+    @property
+    def checkpoint_items(self) -> dict[str, tf.Module]:
+        """Top-level objects under the reference implementation's checkpoint names."""
+        items = {
+            "encoder": self.encoder,
+            "pixel_space_head": self.pixel_space_head,
+            "transformer_mask_head": self.transformer_mask_head,
+            "transformer_class_head": self.transformer_class_head,
+            "pixel_space_feature_batch_norm": self.pixel_space_feature_batch_norm,
+            "pixel_space_mask_batch_norm": self.pixel_space_mask_batch_norm,
+        }
+        if self.semantic_decoder is not None:
+            items["semantic_decoder"] = self.semantic_decoder
+        if self.semantic_head is not None:
+            items["semantic_head_without_last_layer"] = self.semantic_head.conv_block
+            items["semantic_last_layer"] = self.semantic_head.final_conv
+        return items
+
+    @property
+    def semantic_branch_variables(self) -> list[tf.Variable]:
+        """Weights used only by the training-time auxiliary semantic loss."""
+        layers = [self.semantic_decoder, self.semantic_head]
+        return [v for layer in layers if layer is not None for v in layer.variables]
+
+    def call(self, images: tf.Tensor, training: bool | None = None) -> dict[str, tf.Tensor]:
+        """float images [B, H, W, 3] in [0, 255] -> the output dict of DESIGN.md §3."""
+        x = tf.cast(images, tf.float32) / 127.5 - 1.0
+        endpoints = self.encoder(x, training=training)
+        outputs = {}
+        if self.semantic_head is not None:
+            semantic_feature = endpoints["feature_semantic"]
+            if (self.semantic_decoder is not None and semantic_feature.shape[1:3]
+                    != endpoints["feature_panoptic"].shape[1:3]):
+                semantic_feature = self.semantic_decoder(semantic_feature, endpoints,
+                                                         training=training)
+            outputs["semantic_logits"] = self.semantic_head(semantic_feature, training=training)
+
+        # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 9).
+        pixel_feature = self.pixel_space_head(endpoints["feature_panoptic"], training=training)
+        pixel_feature = self.pixel_space_feature_batch_norm(pixel_feature, training=training)
+        pixel_feature = tf.math.l2_normalize(pixel_feature, axis=-1)
+        outputs["pixel_feature"] = pixel_feature
+
+        class_logits = self.transformer_class_head(endpoints["transformer_class_feature"],
+                                                   training=training)
+        void_offset = tf.one_hot(self.num_classes, self.num_classes + 1,
+                                 on_value=self._void_logit_offset, dtype=class_logits.dtype)
+        outputs["class_logits"] = class_logits + void_offset
+
+        # f: per-slot mask embedding; m̂ logits = BN(f · g), one BN shared by all slots.
+        mask_kernel = self.transformer_mask_head(endpoints["transformer_mask_feature"],
+                                                 training=training)
+        mask_logits = tf.einsum("bhwd,bnd->bhwn", pixel_feature, mask_kernel)
+        mask_logits = self.pixel_space_mask_batch_norm(mask_logits[..., None], training=training)
+        outputs["mask_logits"] = mask_logits[..., 0]
+        return outputs
+
+
+@gin.configurable
+def build_model(input_size: tuple[int, int] = (641, 641), batch_size: int | None = None,
+                model_cls=MaXDeepLab) -> MaXDeepLab:
+    """Builds the gin-configured model and creates its weights with a symbolic call.
+
+    `input_size` is the (height, width) the model is built and traced for; the layers
+    themselves work for any size whose stride-16 feature map fits the axial span.
+    """
+    model = model_cls()
+    images = tfk.Input(shape=(input_size[0], input_size[1], 3), batch_size=batch_size)
+    model(images, training=False)
+    return model

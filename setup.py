@@ -1,0 +1,27 @@
+"""Installable MaX-DeepLab for TensorFlow 2 (tf_keras / model garden stack)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="max-deeplab",
+    version="0.1.0",
+    description="MaX-DeepLab: end-to-end panoptic segmentation with mask transformers (TF2)",
+    packages=find_packages(include=["max_deeplab", "max_deeplab.*"]),
+    package_data={"max_deeplab": ["configs/*.gin", "configs/**/*.gin"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow~=2.20.0",
+        "tf-keras~=2.20.0",
+        "tf-models-official~=2.20.0",
+        "tensorflow-datasets",
+        "gin-config",
+        "absl-py",
+        "scipy",
+        "numpy",
+        "pillow",
+        "pycocotools",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-xdist", "ruff", "panopticapi-lite"],
+    },
+    entry_points={"console_scripts": ["max-deeplab=max_deeplab.__main__:main"]},
+)
