@@ -15,6 +15,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "pq": ("max_deeplab.cli.pq", "panoptic quality of COCO-format predictions (no TensorFlow)"),
     "synthetic": ("max_deeplab.cli.synthetic", "write a synthetic COCO-panoptic-format data set"),
     "convert": ("max_deeplab.cli.convert", "COCO panoptic -> TFRecord shards + metadata"),
+    "train": ("max_deeplab.cli.train", "train / evaluate (any tf.distribute strategy, orbit)"),
+    "export": ("max_deeplab.cli.export", "checkpoint -> self-contained SavedModel (image in)"),
+    "predict": ("max_deeplab.cli.predict", "run a SavedModel: overlays + COCO panoptic results"),
+    "import-checkpoint": ("max_deeplab.cli.import_checkpoint",
+                          "import a published deeplab2 MaX-DeepLab checkpoint"),
+    "pretrain": ("max_deeplab.cli.pretrain", "ImageNet (TFDS) pretraining of the backbone"),
 }
 
 

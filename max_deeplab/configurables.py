@@ -1,6 +1,7 @@
 """Imports every module that registers gin configurables, so any gin file or binding can
 name them regardless of which verb runs. Keep it to imports."""
 # ruff: noqa: F401
+import max_deeplab.data.pipeline
 import max_deeplab.evaluation.tf_panoptic_quality
 import max_deeplab.inference.postprocess
 import max_deeplab.layers.axial_attention
@@ -11,3 +12,5 @@ import max_deeplab.losses.max_deeplab_loss
 import max_deeplab.model.encoder
 import max_deeplab.model.heads
 import max_deeplab.model.max_deeplab
+import max_deeplab.training.experiment
+import max_deeplab.training.pretrain

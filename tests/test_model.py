@@ -226,3 +226,21 @@ def test_exact_parameter_count_l():
     counts = parameter_counts(build_model())
     assert inference_params(counts) == 450_763_880
     assert counts["semantic_branch"]["trainable"] == 107_398 - 257  # 133 classes, not 134
+
+
+def test_summary_verb_prints_the_counts(capsys):
+    from max_deeplab.__main__ import main
+
+    assert main(["max-deeplab", "summary", "--gin_file", "reference_tiny.gin"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = dict(line.split(": ", 1) for line in lines if ": " in line)
+    assert int(values["total_params"]) == 3_923_096
+    assert int(values["semantic_head_params"]) == 136_533
+    assert int(values["flops"].split()[0]) > 0
+
+
+def test_summary_verb_reports_a_missing_gin_file(capsys):
+    from max_deeplab.__main__ import main
+
+    assert main(["max-deeplab", "summary", "--gin_file", "no_such_config.gin"]) == 2
+    assert "no_such_config.gin" in capsys.readouterr().err

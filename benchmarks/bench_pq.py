@@ -1,0 +1,148 @@
+"""Benchmark: `max-deeplab pq` versus the COCO reference evaluator, as whole processes.
+
+Generates ~120 COCO-sized (480x640) ground-truth / prediction pairs with 10-30 segments each
+(stuff, things, some crowd and void) into a temporary directory, then times from the command
+line, each as a fresh Python process:
+
+- ours: `python -m max_deeplab pq ...` (default workers = usable cores);
+- reference: panopticapi `pq_compute` (panopticapi-lite), run via `python -c`, once as
+  installed (one worker per core) and once forced onto one core, the DESIGN.md §8 anchor
+  (8.9 s measured on one core for this workload).
+
+Prints each median time, the speed-up ratios, and checks that PQ/SQ/RQ (All, Things, Stuff,
+per class) agree to 1e-9. Goal: >= 10x faster than the reference on one core.
+
+    .venv/bin/python benchmarks/bench_pq.py [--num_images 120] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+_REFERENCE = """
+import json, sys, multiprocessing
+if sys.argv[6] == "1":
+    multiprocessing.cpu_count = lambda: 1  # the reference sizes its pool by cpu_count()
+from panopticapi.evaluation import pq_compute
+r = pq_compute(sys.argv[1], sys.argv[2], gt_folder=sys.argv[3], pred_folder=sys.argv[4])
+json.dump(r, open(sys.argv[5], "w"))
+"""
+
+
+def _time(cmd: list[str], repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (user + sys of the process and its workers).
+
+    CPU time is printed too because on a shared machine wall time also measures the
+    neighbours' load; the goal itself is about wall time on an otherwise idle machine.
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        if proc.returncode:
+            sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _compare(ours: dict, ref: dict) -> float:
+    worst = 0.0
+    for group in ("All", "Things", "Stuff"):
+        assert ours[group]["n"] == ref[group]["n"], (group, ours[group], ref[group])
+        for k in ("pq", "sq", "rq"):
+            worst = max(worst, abs(ours[group][k] - ref[group][k]))
+    for cid, r in ref["per_class"].items():
+        for k in ("pq", "sq", "rq"):
+            worst = max(worst, abs(ours["per_class"][str(cid)][k] - r[k]))
+    return worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_images", type=int, default=120)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_one_core", action="store_true",
+                        help="skip the (slow) single-core reference run")
+    args = parser.parse_args()
+
+    from max_deeplab.evaluation.random_cases import default_categories, random_pair_set
+
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        # 20 thing and 12 stuff categories; ~10-30 segments per image incl. stuff bands.
+        paths = random_pair_set(tmp, args.num_images, args.height, args.width, seed=0,
+                                categories=default_categories(20, 12), num_things=(6, 24))
+        with open(paths["gt_json"]) as f:
+            gt = json.load(f)
+        segs = [len(a["segments_info"]) for a in gt["annotations"]]
+        crowd = sum(s["iscrowd"] for a in gt["annotations"] for s in a["segments_info"])
+        print(f"generated {args.num_images} pairs of {args.height}x{args.width} in "
+              f"{time.perf_counter() - t0:.1f} s: GT segments/image min {min(segs)} "
+              f"mean {statistics.mean(segs):.1f} max {max(segs)}, {crowd} crowd segments")
+
+        ours_json = os.path.join(tmp, "ours.json")
+        ours_cmd = [py, "-m", "max_deeplab", "pq", "--gt_json", paths["gt_json"],
+                    "--gt_dir", paths["gt_dir"], "--pred_json", paths["pred_json"],
+                    "--pred_dir", paths["pred_dir"], "--output", ours_json]
+        t_ours = _time(ours_cmd, args.repeats)
+        t_ours1 = _time(ours_cmd + ["--num_workers", "1"], args.repeats)
+
+        def ref_cmd(out: str, one_core: bool) -> list[str]:
+            return [py, "-c", _REFERENCE, paths["gt_json"], paths["pred_json"],
+                    paths["gt_dir"], paths["pred_dir"], out, "1" if one_core else "0"]
+
+        ref_json = os.path.join(tmp, "ref.json")
+        t_ref = _time(ref_cmd(ref_json, False), 1)
+        t_ref1 = None
+        if not args.skip_one_core:
+            t_ref1 = _time(ref_cmd(os.path.join(tmp, "ref1.json"), True), 1)
+
+        with open(ours_json) as f:
+            ours = json.load(f)
+        with open(ref_json) as f:
+            ref = json.load(f)
+        worst = _compare(ours, ref)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"cores available: {cores}; load average {os.getloadavg()[0]:.1f} (wall times are "
+          "only meaningful near 0)")
+    print(f"{'':42s} {'wall':>7s} {'cpu':>7s}")
+    rows = [(f"ours      (max-deeplab pq, {cores} workers)", t_ours),
+            ("ours      (max-deeplab pq, 1 worker)", t_ours1),
+            (f"reference (panopticapi, {cores} processes)", t_ref)]
+    if t_ref1 is not None:
+        rows.append(("reference (panopticapi, 1 core)", t_ref1))
+    for name, (wall, cpu) in rows:
+        print(f"{name:42s} {wall:6.2f}s {cpu:6.2f}s")
+    base = t_ref1 if t_ref1 is not None else t_ref
+    base_name = "reference on one core" if t_ref1 is not None else "reference, all cores"
+    print(f"wall speed-up, ours ({cores} workers) vs {base_name}: {base[0] / t_ours[0]:5.1f}x"
+          "  (goal >= 10x; DESIGN.md anchor: reference 8.9 s on one core)")
+    print(f"wall speed-up, ours vs reference on the same cores: {t_ref[0] / t_ours[0]:5.1f}x")
+    print(f"CPU-time ratio, reference / ours (1 worker each):  {base[1] / t_ours1[1]:5.1f}x")
+    print(f"PQ ours {ours['All']['pq']:.6f} reference {ref['All']['pq']:.6f}; "
+          f"max |difference| over All/Things/Stuff/per-class pq,sq,rq: {worst:.2e}")
+    if worst > 1e-9:
+        print("MISMATCH against the reference evaluator")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

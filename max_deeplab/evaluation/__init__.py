@@ -1,0 +1,27 @@
+"""Panoptic quality (PQ / SQ / RQ; paper §4 "Experiments" reports PQ as the main metric).
+
+- `pq_compute` / `max-deeplab pq`: COCO panoptic files, COCO reference evaluator semantics,
+  fast and without TensorFlow (`coco_panoptic`).
+- `PanopticQualityAccumulator`: streaming numpy evaluator over panoptic label maps
+  (class * label_divisor + instance) for evaluation during training (`accumulator`).
+- `InGraphPanopticQuality`: the same metric inside a compiled (XLA / TPU) step, wrapping
+  `official.vision.evaluation.panoptic_quality.PanopticQualityV2` (`tf_panoptic_quality`;
+  imports TensorFlow, so it is only loaded when asked for).
+"""
+from __future__ import annotations
+
+from max_deeplab.evaluation.accumulator import PanopticQualityAccumulator
+from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
+from max_deeplab.evaluation.pq_core import PQStats, format_table
+
+__all__ = ["InGraphPanopticQuality", "PQStats", "PanopticEvalError",
+           "PanopticQualityAccumulator", "format_table", "pq_compute"]
+
+
+def __getattr__(name: str):
+    # Lazy: keeps `import max_deeplab.evaluation` free of TensorFlow for the `pq` verb.
+    if name == "InGraphPanopticQuality":
+        from max_deeplab.evaluation.tf_panoptic_quality import InGraphPanopticQuality
+
+        return InGraphPanopticQuality
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

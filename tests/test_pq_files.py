@@ -1,0 +1,327 @@
+"""`max-deeplab pq` / `pq_compute`: COCO panoptic files, checked against hand-computed values
+and against the COCO reference evaluator (panopticapi `pq_compute_single_core`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from max_deeplab.cli import pq as pq_cli
+from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
+from max_deeplab.evaluation.random_cases import (
+    Segments,
+    default_categories,
+    random_ground_truth,
+    random_prediction,
+    write_coco_pair_set,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PERSON, CAR, DOG, CAT = 1, 2, 3, 4  # things; DOG only in GT, CAT only in predictions
+SKY, GRASS, WATER = 10, 11, 12  # stuff; WATER only in predictions
+CATEGORIES = [{"id": i, "name": n, "isthing": t} for i, n, t in (
+    (PERSON, "person", 1), (CAR, "car", 1), (DOG, "dog", 1), (CAT, "cat", 1),
+    (SKY, "sky", 0), (GRASS, "grass", 0), (WATER, "water", 0))]
+
+
+def _seg(shape, parts):
+    """Segments from [(category, iscrowd, [(row slice, col slice), ...]), ...] painted in order."""
+    index_map = np.zeros(shape, np.int32)
+    for k, (_, _, boxes) in enumerate(parts):
+        for ys, xs in boxes:
+            index_map[ys, xs] = k + 1
+    return Segments(index_map, [p[0] for p in parts], [p[1] for p in parts])
+
+
+def crafted_pairs() -> list[tuple[Segments, Segments]]:
+    """Three images covering the rules; expected counts are derived in the comments."""
+    s = slice
+    gt_a = _seg((10, 12), [
+        (SKY, False, [(s(0, 2), s(0, 12))]),                    # 24 px
+        (GRASS, False, [(s(7, 10), s(0, 12))]),                 # 36 px
+        (PERSON, False, [(s(2, 3), s(0, 10))]),                 # p1: 10 px, cols 10-11 void
+        (PERSON, False, [(s(3, 4), s(0, 10))]),                 # p2: 10 px, cols 10-11 void
+        (CAR, False, [(s(4, 5), s(0, 12))]),                    # c1: 12 px
+        (CAR, True, [(s(5, 6), s(0, 6))]),                      # crowd (not the last one)
+        (CAR, True, [(s(5, 6), s(6, 12))]),                     # crowd, last of its class
+        (DOG, False, [(s(6, 7), s(0, 6))]),                     # d1, never predicted
+    ])                                                          # row 6 cols 6-11: void
+    pred_a = _seg((10, 12), [
+        (SKY, False, [(s(0, 2), s(0, 12))]),                    # TP, IoU 1
+        (PERSON, False, [(s(2, 3), s(0, 6)), (s(2, 3), s(10, 12))]),  # 6/(8+10-6-2) = 0.6
+        (PERSON, False, [(s(3, 4), s(0, 5)), (s(3, 4), s(10, 12))]),  # 5/(7+10-5-2) = 0.5
+        (CAR, False, [(s(4, 5), s(0, 7))]),                     # 7/12 > 0.5: TP
+        (CAR, False, [(s(5, 6), s(0, 4))]),                     # on the first crowd: FP
+        (CAR, False, [(s(5, 6), s(6, 10))]),                    # on the last crowd: ignored
+        (CAT, False, [(s(6, 7), s(6, 12))]),                    # all on void: ignored
+        (CAT, False, [(s(7, 8), s(0, 3))]),                     # on grass: FP
+        (GRASS, False, [(s(7, 8), s(3, 12))]),                  # 9/36: FP + FN
+        (WATER, False, [(s(8, 10), s(0, 12))]),                 # FP
+    ])
+    gt_b = _seg((10, 20), [
+        (PERSON, False, [(s(0, 5), s(0, 20))]),                 # 100 px
+        (CAR, False, [(s(5, 10), s(0, 20))]),                   # 100 px
+    ])
+    pred_b = _seg((10, 20), [
+        (PERSON, False, [(s(0, 2), s(0, 20)), (s(2, 3), s(0, 11))]),  # 51/100: TP
+        (CAR, False, [(s(5, 7), s(0, 20)), (s(7, 8), s(0, 10))]),     # 50/100: FP + FN
+    ])
+    gt_c = _seg((4, 8), [
+        (SKY, False, [(s(0, 2), s(0, 8))]),                     # 16 px; row 2 void
+        (CAR, True, [(s(3, 4), s(0, 2))]),                      # crowd, 2 px
+        (GRASS, False, [(s(3, 4), s(2, 8))]),                   # 6 px
+    ])
+    pred_c = _seg((4, 8), [
+        (SKY, False, [(s(0, 1), s(0, 8)), (s(1, 2), s(7, 8))]),  # 9/16: TP
+        (DOG, False, [(s(1, 3), s(0, 4))]),                     # 4 of 8 on void: FP
+        (CAT, False, [(s(1, 2), s(4, 7)), (s(2, 3), s(4, 8))]),  # 4 of 7 on void: ignored
+        (CAR, False, [(s(3, 4), s(0, 4))]),                     # 2 of 4 on crowd: FP
+        (GRASS, False, [(s(3, 4), s(4, 8))]),                   # 4/6: TP
+    ])
+    return [(gt_a, pred_a), (gt_b, pred_b), (gt_c, pred_c)]
+
+
+def crafted_expected() -> dict:
+    """Hand-computed from the comments in `crafted_pairs`: (tp, fp, fn, iou_sum) per class."""
+    counts = {PERSON: (2, 1, 1, 0.6 + 0.51), CAR: (1, 3, 1, 7 / 12), DOG: (0, 1, 1, 0.0),
+              CAT: (0, 1, 0, 0.0), SKY: (2, 0, 0, 1.0 + 9 / 16), GRASS: (1, 1, 1, 4 / 6),
+              WATER: (0, 1, 0, 0.0)}
+    per_class = {}
+    for c, (tp, fp, fn, iou) in counts.items():
+        d = tp + fp / 2 + fn / 2
+        per_class[c] = {"pq": iou / d, "sq": iou / tp if tp else 0.0, "rq": tp / d}
+    out = {"per_class": per_class}
+    for name, ids in (("All", list(counts)), ("Things", [PERSON, CAR, DOG, CAT]),
+                      ("Stuff", [SKY, GRASS, WATER])):
+        out[name] = {k: float(np.mean([per_class[c][k] for c in ids])) for k in ("pq", "sq", "rq")}
+        out[name]["n"] = len(ids)
+    return out
+
+
+def reference_pq(paths: dict) -> dict:
+    """The COCO reference evaluator's own per-image code and averaging, in this process."""
+    from panopticapi.evaluation import PQStat, pq_compute_single_core
+
+    with open(paths["gt_json"]) as f:
+        gt = json.load(f)
+    with open(paths["pred_json"]) as f:
+        pred = json.load(f)
+    categories = {c["id"]: c for c in gt["categories"]}
+    by_id = {a["image_id"]: a for a in pred["annotations"]}
+    pairs = [(a, by_id[a["image_id"]]) for a in gt["annotations"]]
+    stat = pq_compute_single_core(0, pairs, paths["gt_dir"], paths["pred_dir"], categories)
+    assert isinstance(stat, PQStat)
+    out = {}
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        out[name], per_class = stat.pq_average(categories, isthing=isthing)
+        if name == "All":
+            out["per_class"] = per_class
+    return out
+
+
+def assert_same(ours: dict, expected: dict, tol: float = 1e-9) -> None:
+    for name in ("All", "Things", "Stuff"):
+        assert ours[name]["n"] == expected[name]["n"], name
+        for k in ("pq", "sq", "rq"):
+            assert abs(ours[name][k] - expected[name][k]) <= tol, (name, k, ours[name],
+                                                                   expected[name])
+    assert {int(c) for c in ours["per_class"]} == {int(c) for c in expected["per_class"]}
+    for c, r in expected["per_class"].items():
+        mine = ours["per_class"][c] if c in ours["per_class"] else ours["per_class"][str(c)]
+        for k in ("pq", "sq", "rq"):
+            assert abs(mine[k] - r[k]) <= tol, (c, k, mine, r)
+
+
+def _paths(root) -> dict:
+    root = str(root)
+    return {"gt_json": os.path.join(root, "gt.json"), "gt_dir": os.path.join(root, "gt"),
+            "pred_json": os.path.join(root, "pred.json"), "pred_dir": os.path.join(root, "pred")}
+
+
+@pytest.fixture()
+def crafted(tmp_path) -> dict:
+    return write_coco_pair_set(str(tmp_path), crafted_pairs(), CATEGORIES, seed=5)
+
+
+def test_crafted_cases_match_hand_computed_and_reference(crafted):
+    ours = pq_compute(**crafted, num_workers=1)
+    assert_same(ours, crafted_expected(), tol=1e-12)
+    assert_same(ours, reference_pq(crafted))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_cases_match_reference(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    cats = default_categories(5, 4)
+    pairs = []
+    for _ in range(6):
+        gt = random_ground_truth(rng, 48, 64, cats, num_things=(3, 12), crowd_prob=0.25)
+        pairs.append((gt, random_prediction(rng, gt, cats, max_shift=2)))
+    paths = write_coco_pair_set(str(tmp_path), pairs, cats, seed=seed)
+    ref = reference_pq(paths)
+    ours = pq_compute(**paths, num_workers=1)
+    assert_same(ours, ref)
+    # A non-trivial case: matches, misses and both groups present.
+    assert 0.0 < ours["All"]["pq"] < 1.0 and ours["Things"]["n"] and ours["Stuff"]["n"]
+
+
+def test_cli_two_workers_json_table_and_no_tensorflow(tmp_path):
+    rng = np.random.default_rng(7)
+    cats = default_categories(4, 3)
+    pairs = []
+    for _ in range(12):  # enough images that two worker processes are used
+        gt = random_ground_truth(rng, 40, 50, cats, num_things=(2, 8))
+        pairs.append((gt, random_prediction(rng, gt, cats)))
+    paths = write_coco_pair_set(str(tmp_path / "set"), pairs, cats)
+    out = tmp_path / "out" / "metrics.json"
+    cmd = [sys.executable, "-X", "importtime", "-m", "max_deeplab", "pq",
+           "--gt_json", paths["gt_json"], "--gt_dir", paths["gt_dir"],
+           "--pred_json", paths["pred_json"], "--pred_dir", paths["pred_dir"],
+           "--output", str(out), "--num_workers", "2", "--per_class"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "numpy" in imported  # the importtime listing is really there
+    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "tf_keras", "keras")]
+    assert "All" in proc.stdout and "Things" in proc.stdout and "thing0 (" in proc.stdout
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"All", "Things", "Stuff", "per_class"}
+    assert set(metrics["All"]) == {"pq", "sq", "rq", "n"}
+    assert set(metrics["per_class"]) == {str(c["id"]) for c in cats}
+    assert_same(metrics, reference_pq(paths))
+    # Same numbers in one process (the workers' partial sums add up exactly).
+    assert_same(metrics, pq_compute(**paths, num_workers=1), tol=1e-12)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _run_cli(paths: dict, capsys) -> tuple[int, str]:
+    argv = ["max-deeplab pq", "--num_workers", "1"]
+    for k in ("gt_json", "gt_dir", "pred_json", "pred_dir"):
+        argv += [f"--{k}", paths[k]]
+    code = pq_cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def _edit_json(path: str, fn) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    fn(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _png_ids(path: str) -> np.ndarray:
+    a = np.asarray(Image.open(path)).astype(np.int64)
+    return a[..., 0] + 256 * a[..., 1] + 65536 * a[..., 2]
+
+
+def _write_ids(path: str, ids: np.ndarray) -> None:
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def test_error_prediction_png_segment_not_in_json(crafted, capsys):
+    path = os.path.join(crafted["pred_dir"], "000001.png")
+    ids = _png_ids(path)
+    ids[9, 19] = 123457  # a colour no segment has
+    _write_ids(path, ids)
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1
+    assert "000001.png" in err and "123457" in err and "not in the prediction JSON" in err
+    with pytest.raises(PanopticEvalError, match="123457"):
+        pq_compute(**crafted, num_workers=1)
+
+
+def test_error_prediction_json_segment_not_in_png(crafted, capsys):
+    _edit_json(crafted["pred_json"], lambda d: d["annotations"][0]["segments_info"].append(
+        {"id": 4242, "category_id": PERSON}))
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "4242" in err and "no pixels" in err and "000000.png" in err
+
+
+def test_error_ground_truth_png_segment_not_in_json(crafted, capsys):
+    _edit_json(crafted["gt_json"], lambda d: d["annotations"][1]["segments_info"].pop())
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "ground-truth PNG" in err and "000001.png" in err
+
+
+def test_error_unknown_category(crafted, capsys):
+    def bad(d):
+        d["annotations"][1]["segments_info"][0]["category_id"] = 999
+    _edit_json(crafted["pred_json"], bad)
+    code, err = _run_cli(crafted, capsys)
+    sid = json.load(open(crafted["pred_json"]))["annotations"][1]["segments_info"][0]["id"]
+    assert code == 1 and "unknown category_id 999" in err and str(sid) in err
+
+
+@pytest.mark.parametrize("side", ["missing_prediction", "extra_prediction", "duplicate"])
+def test_error_image_sets_differ(crafted, capsys, side):
+    def edit(d):
+        if side == "missing_prediction":
+            d["annotations"].pop(1)
+        elif side == "extra_prediction":
+            d["annotations"].append(dict(d["annotations"][0], image_id=77))
+        else:
+            d["annotations"].append(dict(d["annotations"][0]))
+    _edit_json(crafted["pred_json"], edit)
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1
+    expected = {"missing_prediction": "no prediction for image_id 1",
+                "extra_prediction": "image_id 77", "duplicate": "two annotations"}[side]
+    assert expected in err
+
+
+def test_error_size_mismatch(crafted, capsys):
+    path = os.path.join(crafted["pred_dir"], "000000.png")
+    _write_ids(path, _png_ids(path)[:, :-1])
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "11x10" in err and "12x10" in err and "000000.png" in err
+
+
+def test_error_missing_files(crafted, capsys, tmp_path):
+    os.remove(os.path.join(crafted["gt_dir"], "000001.png"))
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "PNG not found" in err and "000001.png" in err
+    code, err = _run_cli(dict(crafted, pred_json=str(tmp_path / "nope.json")), capsys)
+    assert code == 1 and "nope.json" in err
+    code, err = _run_cli(dict(crafted, pred_dir=str(tmp_path / "nodir")), capsys)
+    assert code == 1 and "nodir" in err
+
+
+def test_user_error_exits_without_traceback(crafted):
+    _edit_json(crafted["pred_json"], lambda d: d["annotations"].pop(0))
+    cmd = [sys.executable, "-m", "max_deeplab", "pq", "--gt_json", crafted["gt_json"],
+           "--gt_dir", crafted["gt_dir"], "--pred_json", crafted["pred_json"],
+           "--pred_dir", crafted["pred_dir"]]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "no prediction for image_id 0" in proc.stderr
+
+
+def test_missing_flags_is_a_usage_error(capsys):
+    assert pq_cli.main(["max-deeplab pq", "--gt_json", "x.json"]) == 2
+    assert "--gt_dir" in capsys.readouterr().err
+
+
+def test_rgba_pngs_read_like_the_reference_and_gray_pngs_rejected(crafted, capsys):
+    expected = pq_compute(**crafted, num_workers=1)
+    # RGBA: the alpha channel is ignored, as by the reference evaluator.
+    for d in (crafted["gt_dir"], crafted["pred_dir"]):
+        for name in os.listdir(d):
+            Image.open(os.path.join(d, name)).convert("RGBA").save(os.path.join(d, name))
+    assert_same(pq_compute(**crafted, num_workers=1), expected, tol=0.0)
+    assert_same(reference_pq(crafted), expected)
+    # Single channel: not the format (the reference crashes on it): a clear error.
+    path = os.path.join(crafted["pred_dir"], "000002.png")
+    Image.open(path).convert("L").save(path)
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "000002.png" in err and "expected an RGB panoptic PNG" in err
