@@ -52,7 +52,7 @@ def main() -> None:
         start = time.perf_counter()
         fn(images)["mask_logits"].numpy()
         first = time.perf_counter() - start
-        seconds = median_seconds(lambda: fn(images)["mask_logits"].numpy(),
+        seconds = median_seconds(lambda f=fn: f(images)["mask_logits"].numpy(),
                                  repeats=args.repeats, warmup=0)
         rows.append((label, first, seconds))
     print(f"{'mode':<20} {'first call s':>12} {'latency s':>10} {'units':>7} {'GFLOP/s':>8} "
