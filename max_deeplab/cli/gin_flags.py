@@ -1,6 +1,7 @@
 """`--gin_file` / `--gin_bindings` for every verb that builds a model."""
 from __future__ import annotations
 
+import logging
 import os
 
 from absl import flags
@@ -12,6 +13,18 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. "
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
+
+
+class _QuietGinIncludeProbe(logging.Filter):
+    """gin probes an `include` as a Python-package resource before its search paths and
+    logs 'Path not found' at ERROR level even when the search path then finds it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+                    and record.msg == "Path not found: %s")
+
+
+logging.getLogger().addFilter(_QuietGinIncludeProbe())
 
 
 def resolve_gin_file(path: str) -> str:
