@@ -1,0 +1,217 @@
+"""SavedModel export: image in, panoptic prediction out (DESIGN.md §6 `export`).
+
+The SavedModel holds only standard TensorFlow ops and the model's variables, so plain
+``tf.saved_model.load(dir)`` works in a process that cannot import this package. It has
+three signatures:
+
+* ``serving_default(image: uint8 [H, W, 3])`` — any H, W;
+* ``serving_batched(images: uint8 [B, H, W, 3])`` — any B, H, W (one size per batch);
+* ``metadata()`` — the category table embedded at export time: ``category_ids`` (the
+  data set's ids, e.g. COCO's), ``category_names``, ``isthing``, ``label_divisor``,
+  ``label_offset``, ``void_label``. The same table is in ``assets/metadata.json``.
+
+Outputs (batched signature with a leading B): ``panoptic`` int32 [H, W] (label *
+label_divisor + instance, void 0, label = contiguous class + label_offset; map a label to the
+data set's category with ``category_ids[label - label_offset]``), ``semantic`` int32 [H, W]
+(dense, never void), ``instance`` int32 [H, W], ``segment_scores`` float32 [N] (class
+confidence of each mask slot; a thing segment's instance id is its slot + 1) and
+``segment_classes`` int32 [N] (label of each slot).
+
+Resolution policy (inside the signature): the image is resized, keeping its aspect ratio,
+so that it fits the export size (the model's configured ``build_model.input_size``, e.g.
+641x641), then padded at the bottom/right to exactly that size. This keeps the network at
+the size it was trained and configured for (axial attention has a span limit, so arbitrary
+sizes are not safe) and gives one compiled shape. Post-processing runs at the export size
+(the area limits of DESIGN.md §5 are scaled to it); the valid (unpadded) part of the label
+maps is then resized back to the original H x W by nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from max_deeplab.inference.postprocess import postprocess
+
+SIGNATURE_SINGLE = "serving_default"
+SIGNATURE_BATCHED = "serving_batched"
+SIGNATURE_METADATA = "metadata"
+METADATA_ASSET = "metadata.json"
+OUTPUT_KEYS = ("panoptic", "semantic", "instance", "segment_scores", "segment_classes")
+
+
+def category_table(metadata: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+    """The category table (contiguous order) from a data-set metadata dict.
+
+    Accepts the metadata written by `max-deeplab convert` (``categories`` with
+    ``contiguous_id``) or any COCO panoptic JSON with ``categories`` (contiguous order =
+    sorted by id, as `convert` does). Raises ValueError naming the mismatch otherwise.
+    """
+    cats = metadata.get("categories")
+    if not cats:
+        raise ValueError("export metadata has no 'categories' list")
+    if all("contiguous_id" in c for c in cats):
+        cats = sorted(cats, key=lambda c: int(c["contiguous_id"]))
+    else:
+        cats = sorted(cats, key=lambda c: int(c["id"]))
+    if len(cats) != num_classes:
+        raise ValueError(f"export metadata lists {len(cats)} categories but the model predicts "
+                         f"{num_classes} classes")
+    return {
+        "category_ids": [int(c["id"]) for c in cats],
+        "category_names": [str(c.get("name", c["id"])) for c in cats],
+        "isthing": [bool(c.get("isthing", 0)) for c in cats],
+        "colors": [list(c["color"]) if c.get("color") is not None else None for c in cats],
+    }
+
+
+def _gin_value(name: str, default: Any) -> Any:
+    """The gin-bound value of a `postprocess` parameter, or its default."""
+    try:
+        return gin.query_parameter(f"max_deeplab.inference.postprocess.{name}")
+    except ValueError:
+        return default
+
+
+def _fit_size(height: tf.Tensor, width: tf.Tensor, target: Sequence[int]
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Size of an aspect-preserving resize of (height, width) that fits inside target."""
+    h = tf.cast(height, tf.float32)
+    w = tf.cast(width, tf.float32)
+    scale = tf.minimum(target[0] / h, target[1] / w)
+    new_h = tf.clip_by_value(tf.cast(tf.round(h * scale), tf.int32), 1, target[0])
+    new_w = tf.clip_by_value(tf.cast(tf.round(w * scale), tf.int32), 1, target[1])
+    return new_h, new_w
+
+
+class _Untracked:
+    """Attribute bag that TensorFlow's object tracking does not look into."""
+
+    def __init__(self, **kwargs: Any):
+        self.__dict__.update(kwargs)
+
+
+class PanopticServingModule(tf.Module):
+    """tf.Module whose functions are the exported signatures (see module docstring).
+
+    The keras model is called through a closure rather than stored as an attribute, so the
+    SavedModel contains only its variables and the traced graph — no Keras layer metadata
+    and no per-layer call traces (faster to save, nothing to revive on load).
+    """
+
+    def __init__(self, model: Any, table: Mapping[str, Any], input_size: Sequence[int],
+                 postprocess_kwargs: Mapping[str, Any] | None = None,
+                 pad_value: float = 127.5):
+        super().__init__(name="max_deeplab_serving")
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.model_variables = list(model.variables)  # tracked: saved with the graph
+        # The label encoding is fixed here (gin value or default) so that the graph and the
+        # embedded metadata agree even if gin changes later.
+        pp_kwargs = dict(postprocess_kwargs or {})
+        for key, default in (("label_divisor", 256), ("label_offset", 1), ("void_label", 0)):
+            pp_kwargs.setdefault(key, _gin_value(key, default))
+        # Plain-Python holder: tf.Module would otherwise track (and try to save) the keras
+        # model, dicts and lists assigned as attributes.
+        self._config = _Untracked(model=model, table=dict(table), pp_kwargs=pp_kwargs,
+                                  is_thing=np.asarray(table["isthing"], bool),
+                                  pad_value=float(pad_value))
+
+        self.serving_batched = tf.function(
+            self._batched, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                                          name="images")])
+        self.serving_default = tf.function(
+            self._single, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8,
+                                                          name="image")])
+        self.metadata = tf.function(self._metadata, input_signature=[])
+
+    def _metadata(self) -> dict[str, tf.Tensor]:
+        return {
+            "category_ids": tf.constant(self._config.table["category_ids"], tf.int32),
+            "category_names": tf.constant(self._config.table["category_names"], tf.string),
+            "isthing": tf.constant(self._config.table["isthing"], tf.bool),
+            "label_divisor": tf.constant(self._config.pp_kwargs["label_divisor"], tf.int32),
+            "label_offset": tf.constant(self._config.pp_kwargs["label_offset"], tf.int32),
+            "void_label": tf.constant(self._config.pp_kwargs["void_label"], tf.int32),
+        }
+
+    def _batched(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        target = self.input_size
+        shape = tf.shape(images)
+        height, width = shape[1], shape[2]
+        new_h, new_w = _fit_size(height, width, target)
+        resized = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]),
+                                  method="bilinear")
+        padded = tf.pad(resized, [[0, 0], [0, target[0] - new_h], [0, target[1] - new_w],
+                                  [0, 0]], constant_values=self._config.pad_value)
+        padded = tf.ensure_shape(padded, [None, target[0], target[1], 3])
+        outputs = self._config.model(padded, training=False)
+        result = postprocess(outputs, is_thing=self._config.is_thing, image_size=target,
+                             **self._config.pp_kwargs)
+        maps = {}
+        for key in ("panoptic", "semantic", "instance"):
+            valid = result[key][:, :new_h, :new_w, None]
+            maps[key] = tf.image.resize(valid, tf.stack([height, width]),
+                                        method="nearest")[..., 0]
+        maps["segment_scores"] = result["segment_scores"]
+        maps["segment_classes"] = result["segment_classes"]
+        return maps
+
+    def _single(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
+        # Calls the batched tf.function, so the network is traced (and stored) once.
+        out = self.serving_batched(image[None])
+        return {k: v[0] for k, v in out.items()}
+
+
+def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any], *,
+                       input_size: Sequence[int] = (641, 641),
+                       postprocess_kwargs: Mapping[str, Any] | None = None,
+                       pad_value: float = 127.5) -> str:
+    """Writes a SavedModel of ``model`` + resize/pad + `postprocess` to ``export_dir``.
+
+    Args:
+      model: a built keras model mapping float images [B, H, W, 3] in [0, 255] to the
+        DESIGN.md §3 output dict (`max_deeplab.model.build_model()`).
+      export_dir: output directory (created; written to a temporary sibling first and
+        renamed, so a failed export leaves no partial SavedModel).
+      metadata: data-set metadata (see `category_table`): categories in contiguous order.
+      input_size: (H, W) the image is resized-to-fit and padded to (the model's size).
+      postprocess_kwargs: overrides for `postprocess` (thresholds, area limits, ...);
+        unset ones take their gin-configured values at export time.
+      pad_value: value of padded pixels (127.5: zero after the model's normalisation).
+
+    Returns:
+      export_dir.
+    """
+    probe = model(tf.zeros([1, int(input_size[0]), int(input_size[1]), 3]), training=False)
+    num_classes = int(probe["class_logits"].shape[-1]) - 1
+    table = category_table(metadata, num_classes)
+    module = PanopticServingModule(model, table, input_size, postprocess_kwargs, pad_value)
+
+    parent = os.path.dirname(os.path.abspath(export_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(export_dir) and os.listdir(export_dir):
+        raise FileExistsError(f"export directory {export_dir!r} exists and is not empty")
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as tmp:
+        asset_src = os.path.join(tmp, METADATA_ASSET)
+        with open(asset_src, "w") as f:
+            json.dump({**table, **{k: module._config.pp_kwargs[k] for k in (
+                "label_divisor", "label_offset", "void_label")},
+                "input_size": list(module.input_size)}, f, indent=2)
+        module.metadata_asset = tf.saved_model.Asset(asset_src)
+        staging = os.path.join(tmp, "saved_model")
+        tf.saved_model.save(module, staging, signatures={
+            SIGNATURE_SINGLE: module.serving_default.get_concrete_function(),
+            SIGNATURE_BATCHED: module.serving_batched.get_concrete_function(),
+            SIGNATURE_METADATA: module.metadata.get_concrete_function(),
+        })
+        if os.path.exists(export_dir):
+            os.rmdir(export_dir)  # empty (checked above)
+        os.replace(staging, export_dir)
+    return export_dir
