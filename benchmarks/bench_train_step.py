@@ -1,0 +1,98 @@
+"""Training-step time and peak memory of the tiny and the MaX-DeepLab-S configs on this CPU.
+
+One full step (forward, Hungarian matching, all losses, gradients, RAdam + Lookahead update)
+at batch 1 on a small crop, with `tf.function`. Each config runs in its own process so its
+peak resident memory (ru_maxrss) is its own. Times are also given in units of a 4096^3 fp32
+matmul measured in the same run (DESIGN.md §8: the reference implementation's MaX-S step at
+321², batch 1, is 4.7 units and 2.0 GB peak RSS; target <= 3.7 units, <= 1.6 GB).
+
+Usage: .venv/bin/python benchmarks/bench_train_step.py [--crop 321] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+import tensorflow as tf
+from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.losses import MaXDeepLabLoss
+from max_deeplab.model import build_model
+from max_deeplab.training.optimizers import build_optimizer
+
+config, crop, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+parse_gin_flags([config], [f"build_model.input_size = ({crop}, {crop})"])
+model = build_model()
+num_classes = model.num_classes
+slots = model.encoder._num_mask_slots
+loss_fn = MaXDeepLabLoss(matching_backend="scipy")
+optimizer = build_optimizer(total_steps=1000)
+rng = np.random.default_rng(0)
+k = min(8, slots)
+segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
+targets = {
+    "image": tf.random.uniform([1, crop, crop, 3], 0, 255),
+    "segment_ids": tf.constant(segment_ids),
+    "segment_classes": tf.constant(rng.integers(0, num_classes, (1, slots)), tf.int32),
+    "segment_valid": tf.constant(np.arange(slots)[None] < k),
+    "segment_is_thing": tf.constant(np.arange(slots)[None] % 2 == 0),
+    "semantic": tf.constant(np.where(segment_ids >= 0, segment_ids % num_classes, -1),
+                            tf.int32),
+}
+
+@tf.function
+def step(batch):
+    with tf.GradientTape() as tape:
+        losses = loss_fn(model(batch["image"], training=True), batch)
+    grads = tape.gradient(losses["total"], model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return losses["total"]
+
+start = time.perf_counter()
+step(targets).numpy()
+first = time.perf_counter() - start
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    step(targets).numpy()
+    times.append(time.perf_counter() - start)
+peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+print(json.dumps({"first": first, "step": float(np.median(times)), "peak_gb": peak_gb}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crop", type=int, default=321)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--configs", nargs="+",
+                        default=["tiny.gin", "max_deeplab_s_coco_641.gin"])
+    args = parser.parse_args()
+    sys.path.insert(0, HERE)
+    from machine_units import matmul_unit
+
+    unit_s, _ = matmul_unit()
+    print(f"unit: 4096^3 fp32 matmul = {unit_s:.3f} s")
+    print(f"{'config':<30} {'crop':>5} {'first s':>8} {'step s':>8} {'units':>6} {'peak GB':>8}")
+    for config in args.configs:
+        proc = subprocess.run([sys.executable, "-c", CHILD, config, str(args.crop),
+                               str(args.steps)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{config:<30} failed:\n{proc.stderr[-2000:]}")
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{config:<30} {args.crop:>5} {result['first']:>8.1f} {result['step']:>8.2f} "
+              f"{result['step'] / unit_s:>6.2f} {result['peak_gb']:>8.2f}")
+    print("reference implementation, MaX-S at 321², batch 1 (DESIGN.md §8): 4.7 units, "
+          "2.0 GB; target <= 3.7 units, <= 1.6 GB")
+
+
+if __name__ == "__main__":
+    main()
