@@ -14,6 +14,7 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from shared_strategies import mirrored_two_cpus
 
 from max_deeplab.losses import (
     LOSS_NAMES,
@@ -576,7 +577,7 @@ def test_mirrored_strategy_replica_sum_is_global_mean():
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("needs the 2 logical CPUs configured by conftest")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = mirrored_two_cpus()
     outputs, targets = _example(18)
     expected = _numpy(MaXDeepLabLoss(matching_backend="scipy")(_tf(outputs), _tf(targets)))
     with strategy.scope():

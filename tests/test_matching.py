@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import tensorflow as tf
+from shared_strategies import mirrored_two_cpus
 
 from max_deeplab.matching import hungarian_match, linear_sum_assignment_tf, resolve_backend
 
@@ -154,7 +155,7 @@ def test_scipy_backend_in_tf_function_has_static_shape():
 def test_scipy_backend_inside_mirrored_strategy():
     devices = tf.config.list_logical_devices("CPU")
     assert len(devices) >= 2, "tests/conftest.py should configure two logical CPUs"
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = mirrored_two_cpus()
     rng = np.random.default_rng(9)
     cost = rng.random((4, 5, 8)).astype(np.float32)  # 2 per replica
     dataset = tf.data.Dataset.from_tensor_slices(cost).batch(4)

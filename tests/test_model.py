@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as tfk
+from shared_strategies import mirrored_two_cpus
 
 from max_deeplab.cli.gin_flags import parse_gin_flags
 from max_deeplab.layers.axial_attention import MAX_SPAN, AxialAttention, AxialSpanError
@@ -148,7 +149,7 @@ def test_whole_model_runs_with_ablation_switches():
 def test_model_builds_and_steps_under_mirrored_strategy():
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     assert len(devices) == 2, "tests/conftest.py should configure two logical CPUs"
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = mirrored_two_cpus()
     with strategy.scope():
         model = _tiny_model()
         optimizer = tfk.optimizers.SGD(0.01)

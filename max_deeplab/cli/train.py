@@ -1,0 +1,134 @@
+"""`max-deeplab train`: train and/or evaluate MaX-DeepLab (paper §4, DESIGN.md §6-7).
+
+Examples:
+  max-deeplab train --model_dir /tmp/run --gin_file tiny.gin --train_data 'd/train-*' \\
+      --eval_data 'd/val-*' --mode train_and_eval --steps 200 --checkpoint_every 50
+  max-deeplab train --tpu my-tpu --strategy tpu --model_dir gs://b/run \\
+      --gin_file max_deeplab_s_coco_641.gin --train_data 'gs://b/coco/train-*'
+
+The latest checkpoint in --model_dir is resumed automatically. The data and step flags
+override the gin config (`experiment_options.*`).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from max_deeplab.cli import gin_flags
+from max_deeplab.cli.flag_parsing import parse_flags
+
+flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries and metrics.")
+flags.DEFINE_string("tpu", None, "TPU name or address (implies --strategy=tpu).")
+flags.DEFINE_enum("strategy", None, ["mirrored", "multi_worker", "one_device", "tpu"],
+                  "Distribution strategy; default: tpu with --tpu, multi_worker when "
+                  "TF_CONFIG is set, else mirrored.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval", "continuous_eval"],
+                  "What to run.")
+flags.DEFINE_string("train_data", None, "Training TFRecord glob (from `max-deeplab convert`).")
+flags.DEFINE_string("eval_data", None, "Evaluation TFRecord glob.")
+flags.DEFINE_integer("steps", None, "Total training steps (overrides the gin config).")
+flags.DEFINE_integer("checkpoint_every", None, "Save a checkpoint every N steps.")
+flags.DEFINE_string("initial_checkpoint", None, "Checkpoint to initialise matching weights "
+                    "from when the model directory has none (e.g. a pretrained backbone).")
+flags.DEFINE_boolean("jit_compile", None, "Compile each step with XLA (single replica / TPU).")
+flags.DEFINE_enum("mixed_precision", None, ["bfloat16"], "Mixed precision (TPU).")
+
+_ = gin_flags  # --gin_file / --gin_bindings
+
+
+def _default_strategy(tpu: str | None) -> str:
+    import json
+    import os
+
+    if tpu:
+        return "tpu"
+    if json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("cluster"):
+        return "multi_worker"
+    return "mirrored"
+
+
+def main(argv: list[str]) -> int:
+    if parse_flags(argv, __doc__) is None:
+        return 0
+    FLAGS = flags.FLAGS
+    if not FLAGS.model_dir:
+        print(f"{argv[0]}: --model_dir is required", file=sys.stderr)
+        return 2
+    strategy_name = FLAGS.strategy or _default_strategy(FLAGS.tpu)
+    try:
+        gin_flags.parse_gin_flags()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{argv[0]}: gin configuration error: {e}", file=sys.stderr)
+        return 2
+
+    from max_deeplab.training.experiment import experiment_options
+    from max_deeplab.training.trainer import NonFiniteLossError
+
+    options = experiment_options()
+    for key, value in (("total_steps", FLAGS.steps), ("checkpoint_every", FLAGS.checkpoint_every),
+                       ("initial_checkpoint", FLAGS.initial_checkpoint),
+                       ("jit_compile", FLAGS.jit_compile),
+                       ("mixed_precision", FLAGS.mixed_precision)):
+        if value is not None:
+            options[key] = value
+    try:
+        result = _run(strategy_name, options)
+    except NonFiniteLossError as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print(f"{FLAGS.mode} at step: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in sorted(result.items()) if isinstance(v, float)))
+    return 0
+
+
+def _run(strategy_name: str, options: dict):
+    """Wires the data pipeline, model, loss and post-processing into `run_experiment`."""
+    import tensorflow as tf
+
+    from max_deeplab import inference, losses, model
+    from max_deeplab.data.metadata import is_thing_table, load_metadata
+    from max_deeplab.training import build_optimizer
+    from max_deeplab.training.experiment import (
+        create_strategy,
+        matching_backend_for,
+        run_experiment,
+    )
+
+    FLAGS = flags.FLAGS
+    strategy = create_strategy(strategy_name, tpu=FLAGS.tpu,
+                               num_gpus=len(tf.config.list_physical_devices("GPU")))
+    metadata_source = FLAGS.train_data or FLAGS.eval_data
+    if not metadata_source:
+        raise ValueError("--train_data or --eval_data is required")
+    metadata = load_metadata(metadata_source)
+    is_thing = is_thing_table(metadata)
+    label_divisor = int(metadata["label_divisor"])
+
+    def dataset_fn(pattern: str | None, is_training: bool):
+        if pattern is None:
+            return None
+        from max_deeplab.data import build_dataset
+
+        return lambda input_context, global_batch_size: build_dataset(
+            pattern, is_training=is_training, global_batch_size=global_batch_size,
+            input_context=input_context)
+
+    def postprocess_fn(outputs, image_size):
+        return inference.postprocess(outputs, is_thing=is_thing, image_size=image_size,
+                                     label_divisor=label_divisor)
+
+    return run_experiment(
+        mode=FLAGS.mode, model_dir=FLAGS.model_dir, strategy=strategy,
+        model_fn=model.build_model,
+        loss_fn_factory=lambda s: losses.MaXDeepLabLoss(
+            matching_backend=matching_backend_for(s)),
+        optimizer_fn=lambda total_steps: build_optimizer(total_steps),
+        train_dataset_fn=dataset_fn(FLAGS.train_data, True),
+        eval_dataset_fn=dataset_fn(FLAGS.eval_data, False),
+        is_thing=is_thing, postprocess_fn=postprocess_fn, label_divisor=label_divisor,
+        options=options)

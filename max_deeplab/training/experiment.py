@@ -1,0 +1,247 @@
+"""Runs a MaX-DeepLab experiment: strategy, checkpoints, orbit Controller, modes (DESIGN.md §7).
+
+Modes: `train`, `eval` (the latest checkpoint once), `train_and_eval` (evaluation every
+`eval_interval` steps and at the end), `continuous_eval` (every new checkpoint in the model
+directory, until the final step's checkpoint has been evaluated or a timeout).
+
+Checkpoints: `tf.train.Checkpoint(model=..., optimizer=..., global_step=...)` in
+`model_dir`, every `checkpoint_every` steps, `max_to_keep` kept. The latest one is restored
+automatically (same step, same optimiser slots and step count); otherwise an optional
+`initial_checkpoint` (e.g. an ImageNet-pretrained backbone) initialises the matching model
+weights. On TPU / multi-worker runs a `PreemptionCheckpointHandler` saves on preemption.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+
+import gin
+import orbit
+import tensorflow as tf
+import tf_keras as tfk
+from absl import logging
+
+from max_deeplab.training.trainer import Evaluator, Trainer
+
+MODES = ("train", "eval", "train_and_eval", "continuous_eval")
+STRATEGIES = ("mirrored", "multi_worker", "one_device", "tpu")
+
+
+def create_strategy(strategy: str, tpu: str | None = None,
+                    num_gpus: int = 0) -> tf.distribute.Strategy:
+    """The distribution strategy through the model garden's `distribute_utils`.
+
+    `multi_worker` reads the cluster from `TF_CONFIG`; `tpu` needs `--tpu` (a TPU name or
+    address, or "local").
+    """
+    from official.common import distribute_utils
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "tpu" and not tpu:
+        raise ValueError("--strategy=tpu needs --tpu NAME (a TPU name, grpc:// address or "
+                         "'local')")
+    if strategy == "one_device":
+        device = "/gpu:0" if num_gpus > 0 else "/cpu:0"
+        return tf.distribute.OneDeviceStrategy(device)
+    return distribute_utils.get_distribution_strategy(
+        distribution_strategy={"mirrored": "mirrored", "multi_worker": "multi_worker_mirrored",
+                               "tpu": "tpu"}[strategy],
+        num_gpus=num_gpus, tpu_address=tpu or "")
+
+
+def matching_backend_for(strategy: tf.distribute.Strategy) -> str:
+    """The matcher backend a strategy needs: the XLA-compilable "tf" one on TPU."""
+    return "tf" if isinstance(strategy, tf.distribute.TPUStrategy) else "scipy"
+
+
+def load_initial_checkpoint(model: tfk.Model, path: str) -> int:
+    """Loads every model weight whose name and shape match `path` (a prefix or directory).
+
+    Keys may be our own (`model/<attribute path>`, written by `train`) or the reference
+    implementation's top-level names (`encoder/...`, `pixel_space_head/...`), as for an
+    ImageNet-pretrained backbone. Raises ValueError if nothing matches, or a matched name
+    has another shape. Returns the number of variables loaded.
+    """
+    from max_deeplab.model.checkpoints import checkpoint_keys, resolve_checkpoint_path
+
+    prefix = resolve_checkpoint_path(path)
+    reader = tf.train.load_checkpoint(prefix)
+    available = reader.get_variable_to_shape_map()
+    roots: list[Mapping] = [{"model": model}]
+    if hasattr(model, "checkpoint_items"):
+        roots.append(model.checkpoint_items)
+    best: dict[str, tf.Variable] = {}
+    wanted_any: dict[str, tf.Variable] = {}
+    for root in roots:
+        wanted = checkpoint_keys(root)
+        wanted_any = wanted_any or wanted
+        matched = {k: v for k, v in wanted.items() if k in available}
+        if len(matched) > len(best):
+            best = matched
+    if not best:
+        ours = sorted(wanted_any)[:5]
+        theirs = sorted(k for k in available if not k.startswith("_CHECKPOINTABLE"))[:5]
+        raise ValueError(
+            f"initial checkpoint {prefix} has no variable matching the model. Model keys "
+            f"look like {ours}; the checkpoint's like {theirs}.")
+    wrong = [f"{k}: model {list(v.shape)}, checkpoint {list(available[k])}"
+             for k, v in best.items() if tuple(available[k]) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"initial checkpoint {prefix}: {len(wrong)} variable(s) with another "
+                         "shape:\n  " + "\n  ".join(wrong[:20]))
+    for key, variable in best.items():
+        variable.assign(reader.get_tensor(key))
+    total = len(model.variables)
+    logging.info("initial checkpoint %s: loaded %d of %d model variables", prefix,
+                 len(best), total)
+    print(f"initial checkpoint {prefix}: loaded {len(best)} of {total} model variables")
+    return len(best)
+
+
+@gin.configurable
+def experiment_options(total_steps: int = 100_000, train_batch_size: int = 64,
+                       eval_batch_size: int = 1, checkpoint_every: int = 1000,
+                       max_to_keep: int = 5, steps_per_loop: int = 100,
+                       eval_interval: int | None = None, eval_steps: int = -1,
+                       continuous_eval_timeout: float | None = None,
+                       initial_checkpoint: str | None = None, jit_compile: bool = False,
+                       mixed_precision: str | None = None) -> dict:
+    """Run options with the paper's values (§4: batch 64, 100k steps). `mixed_precision`
+    "bfloat16" sets tf_keras' mixed_bfloat16 policy (TPU)."""
+    return dict(locals())
+
+
+def _steps_per_loop(steps_per_loop: int, checkpoint_every: int) -> int:
+    # orbit saves only at loop ends: loops must divide the checkpoint interval.
+    return max(1, math.gcd(steps_per_loop, checkpoint_every))
+
+
+def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
+                   model_fn: Callable[[], tfk.Model],
+                   loss_fn_factory: Callable[[tf.distribute.Strategy], Callable],
+                   optimizer_fn: Callable[[int], tfk.optimizers.Optimizer],
+                   train_dataset_fn: Callable | None = None,
+                   eval_dataset_fn: Callable | None = None,
+                   is_thing: list[bool] | None = None,
+                   postprocess_fn: Callable | None = None, label_divisor: int = 256,
+                   options: dict | None = None, print_fn: Callable[[str], None] = print
+                   ) -> dict | None:
+    """Builds everything under `strategy.scope()` and runs `mode`; returns eval metrics.
+
+    `train_dataset_fn(input_context, global_batch_size)` / `eval_dataset_fn(...)` return a
+    `tf.data.Dataset` of per-replica batches; `loss_fn_factory(strategy)` returns the loss
+    callable (so the matcher backend follows the strategy).
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    opts = dict(experiment_options())
+    opts.update(options or {})
+    if opts["mixed_precision"]:
+        if opts["mixed_precision"] != "bfloat16":
+            raise ValueError(f"mixed_precision must be 'bfloat16' or empty, got "
+                             f"{opts['mixed_precision']!r}")
+        tfk.mixed_precision.set_global_policy("mixed_bfloat16")
+    total_steps = int(opts["total_steps"])
+    training = mode in ("train", "train_and_eval")
+    evaluating = mode != "train"
+    if training and train_dataset_fn is None:
+        raise ValueError(f"--mode={mode} needs training data (--train_data)")
+    if evaluating and eval_dataset_fn is None:
+        raise ValueError(f"--mode={mode} needs evaluation data (--eval_data)")
+
+    with strategy.scope():
+        model = model_fn()
+        loss_fn = loss_fn_factory(strategy)
+        optimizer = optimizer_fn(total_steps)
+        global_step = orbit.utils.create_global_step()
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                         global_step=global_step)
+
+    trainer = evaluator = None
+    if training:
+        batch = int(opts["train_batch_size"])
+        dataset = orbit.utils.make_distributed_dataset(
+            strategy, lambda input_context: train_dataset_fn(input_context, batch))
+        trainer = Trainer(strategy, model, loss_fn, optimizer, dataset, global_step, batch,
+                          total_steps, jit_compile=opts["jit_compile"], print_fn=print_fn)
+    else:
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+    if evaluating:
+        batch = int(opts["eval_batch_size"])
+        dataset = orbit.utils.make_distributed_dataset(
+            strategy, lambda input_context: eval_dataset_fn(input_context, batch))
+        evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
+                              postprocess_fn, global_step, label_divisor=label_divisor,
+                              image_summary_dir=os.path.join(model_dir, "eval_images"),
+                              jit_compile=opts["jit_compile"])
+
+    init_fn = None
+    if opts["initial_checkpoint"] and training:
+        init_fn = lambda: load_initial_checkpoint(model, opts["initial_checkpoint"])
+    checkpoint_every = int(opts["checkpoint_every"])
+    manager = tf.train.CheckpointManager(
+        checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
+        step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
+    train_actions = []
+    handler = _preemption_handler(strategy, manager) if training else None
+    if handler is not None:
+        # After each train loop: on a preemption notice, save now and exit the process.
+        train_actions.append(lambda _outputs: handler.save_checkpoint_if_preempted())
+    steps_per_loop = _steps_per_loop(int(opts["steps_per_loop"]), checkpoint_every)
+    controller = orbit.Controller(
+        strategy=strategy, trainer=trainer, evaluator=evaluator, global_step=global_step,
+        steps_per_loop=steps_per_loop if training else None,
+        checkpoint_manager=manager, train_actions=train_actions,
+        summary_dir=os.path.join(model_dir, "train") if training else None,
+        summary_interval=steps_per_loop if training else None,
+        eval_summary_dir=os.path.join(model_dir, "eval") if evaluating else None)
+
+    result = None
+    if mode == "train":
+        controller.train(steps=total_steps)
+    elif mode == "train_and_eval":
+        result = controller.train_and_evaluate(
+            train_steps=total_steps, eval_steps=int(opts["eval_steps"]),
+            eval_interval=int(opts["eval_interval"] or checkpoint_every))
+    elif mode == "eval":
+        if manager.latest_checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint to evaluate in {model_dir}")
+        result = controller.evaluate(steps=int(opts["eval_steps"]))
+    else:
+        timeout = opts["continuous_eval_timeout"]
+        result = controller.evaluate_continuously(
+            steps=int(opts["eval_steps"]), timeout=timeout,
+            timeout_fn=lambda: int(global_step.numpy()) >= total_steps)
+    if evaluator is not None and evaluator.last_result is not None:
+        _write_metrics(model_dir, int(global_step.numpy()), evaluator.last_result)
+    return result
+
+
+def _write_metrics(model_dir: str, step: int, result: dict) -> None:
+    """`DIR/eval/metrics.json`: the PQ result (DESIGN.md §6 `evaluate`) with its step."""
+    directory = os.path.join(model_dir, "eval")
+    tf.io.gfile.makedirs(directory)
+    payload = dict(result)
+    payload["step"] = step
+    path = os.path.join(directory, "metrics.json")
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def _preemption_handler(strategy: tf.distribute.Strategy,
+                        manager: tf.train.CheckpointManager):
+    """A `PreemptionCheckpointHandler` on TPU and multi-worker runs, else None."""
+    if not isinstance(strategy, tf.distribute.TPUStrategy
+                      | tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    try:
+        return tf.distribute.experimental.PreemptionCheckpointHandler(
+            strategy.cluster_resolver, manager)
+    except (ValueError, NotImplementedError, AttributeError) as e:
+        logging.warning("preemption checkpointing unavailable: %s", e)
+        return None

@@ -1,0 +1,299 @@
+"""orbit trainer and evaluator of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+
+One code path for every `tf.distribute` strategy: the per-replica step runs under
+`strategy.run`; the loss (`MaXDeepLabLoss(..., global_batch_size=...)`) already divides each
+replica's per-image sum by the *global* batch size, so the optimiser's all-reduce *sum* of
+gradients gives the gradient of the global mean loss (no extra 1/num_replicas).
+
+Static shapes and no host round-trip inside a step: with `jit_compile=True` the whole
+per-replica step (forward, matching with the "tf" backend, losses, gradients, RAdam +
+Lookahead update) is one XLA program, which is what TPUStrategy compiles.
+
+Non-finite losses: every step records the first step whose total loss is not finite; the
+train loop's end (before orbit saves a checkpoint) raises `NonFiniteLossError`, so the
+checkpoint on disk stays the last good one.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import orbit
+import tensorflow as tf
+import tf_keras as tfk
+from absl import logging
+
+LossFn = Callable[..., Mapping[str, tf.Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; training stopped without saving that state."""
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Trainer(orbit.StandardTrainer):
+    """Trains `model` with `loss_fn` and `optimizer` on a distributed dataset.
+
+    Args:
+      strategy: the distribution strategy every object below was created under.
+      model: maps `image [B, H, W, 3]` float 0..255 to the output dict (DESIGN.md §3).
+      loss_fn: `loss_fn(outputs, targets, global_batch_size=...)` -> dict of scalar losses
+        including `total` (`MaXDeepLabLoss`).
+      optimizer: a tf_keras optimizer (`build_optimizer()`); built here on the model's
+        trainable variables so that checkpoints can restore its slots before step 1.
+      train_dataset: a `tf.distribute.DistributedDataset` of DESIGN.md §4 batches.
+      global_step: int64 variable, incremented once per step.
+      global_batch_size: the batch size summed over replicas.
+      total_steps: the run's last step (for the ETA in progress lines).
+      jit_compile: compile the per-replica step with XLA (TPU readiness check on CPU).
+        Not combinable with multi-replica Mirrored/MultiWorker strategies, whose gradient
+        all-reduce happens outside the compiled program.
+      print_fn: where progress lines go.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: tfk.Model, loss_fn: LossFn,
+                 optimizer: tfk.optimizers.Optimizer, train_dataset, global_step: tf.Variable,
+                 global_batch_size: int, total_steps: int, jit_compile: bool = False,
+                 print_fn: Callable[[str], None] = print):
+        if jit_compile and strategy.num_replicas_in_sync > 1 and not isinstance(
+                strategy, tf.distribute.TPUStrategy):
+            raise ValueError("jit_compile=True needs one replica (or TPUStrategy, which "
+                             "compiles anyway); got "
+                             f"{strategy.num_replicas_in_sync} replicas")
+        self.strategy = strategy
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.global_step = global_step
+        self.global_batch_size = int(global_batch_size)
+        self.total_steps = int(total_steps)
+        self._print = print_fn
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+            self._first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                               name="first_non_finite_step")
+            self._loss_sums: dict[str, tf.Variable] = {}
+            self._step_count = tf.Variable(0.0, trainable=False, name="loop_steps")
+        replica_step = self._replica_step
+        if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
+            replica_step = tf.function(replica_step, jit_compile=True)
+        self._replica_step_fn = replica_step
+        self._loop_start_time = 0.0
+        self._loop_start_step = 0
+        super().__init__(train_dataset, options=orbit.StandardTrainerOptions(
+            use_tf_while_loop=False))
+
+    def _replica_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Forward, losses, gradients and the optimiser update on one replica's batch."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs = self.model(inputs["image"], training=True)
+            losses = dict(self.loss_fn(outputs, inputs,
+                                       global_batch_size=self.global_batch_size))
+        gradients = tape.gradient(losses["total"], variables)
+        self.optimizer.apply_gradients(list(zip(gradients, variables, strict=True)))
+        return losses
+
+    def _ensure_loss_sums(self, names: Sequence[str]) -> None:
+        # Created on first trace (names come from the loss), outside the traced function.
+        missing = [n for n in names if n not in self._loss_sums]
+        if missing:
+            with tf.init_scope(), self.strategy.scope():
+                for name in missing:
+                    self._loss_sums[name] = tf.Variable(0.0, trainable=False,
+                                                        name=f"loop_sum_{name}")
+
+    def train_step(self, iterator) -> None:
+        per_replica = self.strategy.run(self._replica_step_fn, args=(next(iterator),))
+        # Each replica's loss is its share of the global mean: the SUM is the global loss.
+        losses = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                  for k, v in per_replica.items()}
+        self._ensure_loss_sums(sorted(losses))
+        for name, value in losses.items():
+            self._loss_sums[name].assign_add(value)
+        self._step_count.assign_add(1.0)
+        step = self.global_step.assign_add(1)
+        bad = tf.logical_and(tf.logical_not(tf.math.is_finite(losses["total"])),
+                             self._first_bad_step < 0)
+        self._first_bad_step.assign(tf.where(bad, step, self._first_bad_step))
+
+    def train_loop_begin(self) -> None:
+        for variable in self._loss_sums.values():
+            variable.assign(0.0)
+        self._step_count.assign(0.0)
+        self._loop_start_time = time.time()
+        self._loop_start_step = int(self.global_step.numpy())
+
+    def current_learning_rate(self) -> float:
+        """The (base, unmultiplied) learning rate of the last update."""
+        return float(tf.convert_to_tensor(self.optimizer.learning_rate))
+
+    def train_loop_end(self) -> dict[str, tf.Tensor]:
+        count = max(float(self._step_count.numpy()), 1.0)
+        means = {name: float(v.numpy()) / count for name, v in self._loss_sums.items()}
+        step = int(self.global_step.numpy())
+        first_bad = int(self._first_bad_step.numpy())
+        if first_bad >= 0 or not all(np.isfinite(list(means.values()))):
+            bad = ", ".join(f"{k}={v}" for k, v in sorted(means.items()) if not np.isfinite(v))
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {first_bad if first_bad >= 0 else step} "
+                f"(loop means: {bad or 'total'}); training stopped and this state was not "
+                "saved: the latest checkpoint in the model directory is the last good one. "
+                "Lower the learning rate or check the data.")
+        elapsed = time.time() - self._loop_start_time
+        steps_done = max(step - self._loop_start_step, 1)
+        step_time = elapsed / steps_done
+        learning_rate = self.current_learning_rate()
+        eta = _format_duration(step_time * max(self.total_steps - step, 0))
+        loss_text = " ".join(f"{k}={v:.4f}" for k, v in sorted(means.items()))
+        self._print(f"step {step}/{self.total_steps} | {loss_text} | lr={learning_rate:.3e} "
+                    f"| {step_time:.3f} s/step | ETA {eta}")
+        logs = {f"losses/{k}": tf.constant(v) for k, v in means.items()}
+        logs["learning_rate"] = tf.constant(learning_rate)
+        logs["step_time_seconds"] = tf.constant(step_time)
+        return logs
+
+
+def targets_to_panoptic(segment_ids: tf.Tensor, segment_classes: tf.Tensor,
+                        segment_valid: tf.Tensor, segment_is_thing: tf.Tensor,
+                        label_divisor: int = 256, label_offset: int = 1) -> tf.Tensor:
+    """Ground-truth panoptic maps from the DESIGN.md §4 targets, in `postprocess`'s encoding.
+
+    label = contiguous class + label_offset (0 = void/crowd/padding); instance = segment
+    index + 1 for things, 0 for stuff. Returns int32 [B, H, W].
+    """
+    ids = tf.cast(segment_ids, tf.int32)
+    labelled = ids >= 0
+    safe = tf.maximum(ids, 0)
+    classes = tf.gather(segment_classes, safe, batch_dims=1)
+    valid = tf.gather(segment_valid, safe, batch_dims=1) & labelled
+    thing = tf.gather(segment_is_thing, safe, batch_dims=1)
+    label = tf.cast(classes, tf.int32) + label_offset
+    instance = tf.where(thing, safe + 1, 0)
+    return tf.where(valid, label * label_divisor + instance, 0)
+
+
+def colorize_panoptic(panoptic: tf.Tensor, label_divisor: int = 256) -> tf.Tensor:
+    """uint8 [B, H, W, 3] colours for TensorBoard: a fixed colour per (class, instance),
+    black for void."""
+    value = tf.cast(panoptic, tf.int64)
+    channels = [tf.math.floormod(value * mult + offset, 255) for mult, offset in
+                ((2654435761, 37), (40503, 91), (97, 173))]
+    rgb = tf.cast(tf.stack(channels, axis=-1), tf.uint8)
+    return tf.where((panoptic > 0)[..., None], rgb, tf.zeros_like(rgb))
+
+
+class Evaluator(orbit.StandardEvaluator):
+    """Losses and PQ/SQ/RQ of the model on an evaluation dataset (paper §4 "Experiments").
+
+    Predictions come from `postprocess` (paper §3.1) inside the step; PQ is accumulated
+    on the host by `PanopticQualityAccumulator` (numpy), from this worker's replicas.
+
+    Args:
+      strategy, model, loss_fn, global_batch_size: as for `Trainer`.
+      eval_dataset: distributed dataset of DESIGN.md §4 batches (finite).
+      is_thing: per contiguous class, whether it is a thing class.
+      postprocess_fn: `postprocess_fn(outputs, image_size=(H, W))` -> dict with `panoptic`
+        (label*label_divisor + instance, label = class + 1, 0 = void).
+      label_divisor: of the panoptic encoding.
+      image_summary_dir: where sample predictions are written as TensorBoard images.
+      num_summary_images: how many images of the first batch are written.
+      jit_compile: as for `Trainer`.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: tfk.Model, loss_fn: LossFn,
+                 eval_dataset, global_batch_size: int, is_thing: Sequence[bool],
+                 postprocess_fn: Callable[..., Mapping[str, tf.Tensor]],
+                 global_step: tf.Variable, label_divisor: int = 256,
+                 image_summary_dir: str | None = None, num_summary_images: int = 3,
+                 jit_compile: bool = False):
+        from max_deeplab.evaluation import PanopticQualityAccumulator
+
+        self.strategy = strategy
+        self.model = model
+        self.loss_fn = loss_fn
+        self.global_batch_size = int(global_batch_size)
+        self.global_step = global_step
+        self.is_thing = [bool(t) for t in is_thing]
+        self.label_divisor = int(label_divisor)
+        self.postprocess_fn = postprocess_fn
+        self._accumulator_factory = lambda: PanopticQualityAccumulator(
+            len(self.is_thing) + 1, [False] + self.is_thing, label_divisor=self.label_divisor,
+            ignore_label=0)
+        self.accumulator = self._accumulator_factory()
+        self._image_writer = (tf.summary.create_file_writer(image_summary_dir)
+                              if image_summary_dir else None)
+        self._num_summary_images = num_summary_images
+        step = self._replica_step
+        if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
+            step = tf.function(step, jit_compile=True)
+        self._replica_step_fn = step
+        self.last_result: dict | None = None
+        super().__init__(eval_dataset, options=orbit.StandardEvaluatorOptions(
+            use_tf_while_loop=False))
+
+    def _replica_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        outputs = self.model(inputs["image"], training=False)
+        losses = dict(self.loss_fn(outputs, inputs, global_batch_size=self.global_batch_size))
+        # Predictions at the ground truth's resolution (the labels may be kept unresized).
+        image_size = inputs["segment_ids"].shape[1:3]
+        prediction = self.postprocess_fn(outputs, image_size=image_size)
+        gt = targets_to_panoptic(inputs["segment_ids"], inputs["segment_classes"],
+                                 inputs["segment_valid"], inputs["segment_is_thing"],
+                                 label_divisor=self.label_divisor)
+        return {"losses": losses, "prediction": prediction["panoptic"], "groundtruth": gt,
+                "image": tf.cast(inputs["image"], tf.uint8)}
+
+    def eval_step(self, iterator):
+        return self.strategy.run(self._replica_step_fn, args=(next(iterator),))
+
+    def eval_begin(self) -> dict:
+        self.accumulator = self._accumulator_factory()
+        return {"loss_sums": {}, "batches": 0, "images": None}
+
+    def eval_reduce(self, state: dict, step_outputs) -> dict:
+        local = self.strategy.experimental_local_results
+        for name, value in step_outputs["losses"].items():
+            total = sum(float(x.numpy()) for x in local(value))
+            state["loss_sums"][name] = state["loss_sums"].get(name, 0.0) + total
+        state["batches"] += 1
+        for gt, pred in zip(local(step_outputs["groundtruth"]),
+                            local(step_outputs["prediction"]), strict=True):
+            self.accumulator.update(gt.numpy(), pred.numpy())
+        if state["images"] is None:
+            k = self._num_summary_images
+            state["images"] = (local(step_outputs["image"])[0][:k],
+                               local(step_outputs["prediction"])[0][:k],
+                               local(step_outputs["groundtruth"])[0][:k])
+        return state
+
+    def eval_end(self, state: dict) -> dict[str, float]:
+        result = self.accumulator.result()
+        self.last_result = result
+        batches = max(state["batches"], 1)
+        logs = {}
+        for group in ("All", "Things", "Stuff"):
+            suffix = "" if group == "All" else f"_{group.lower()}"
+            for metric in ("pq", "sq", "rq"):
+                logs[f"{metric.upper()}{suffix}"] = float(result[group][metric])
+        for name, value in state["loss_sums"].items():
+            logs[f"losses/{name}"] = value / batches
+        if self._image_writer is not None and state["images"] is not None:
+            image, prediction, groundtruth = state["images"]
+            with self._image_writer.as_default(step=int(self.global_step.numpy())):
+                tf.summary.image("image", image, max_outputs=self._num_summary_images)
+                tf.summary.image("prediction", colorize_panoptic(prediction,
+                                                                 self.label_divisor),
+                                 max_outputs=self._num_summary_images)
+                tf.summary.image("groundtruth", colorize_panoptic(groundtruth,
+                                                                  self.label_divisor),
+                                 max_outputs=self._num_summary_images)
+            self._image_writer.flush()
+        logging.info("eval at step %d: %s", int(self.global_step.numpy()), logs)
+        return logs
