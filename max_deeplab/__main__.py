@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synthetic": ("max_deeplab.cli.synthetic", "write a synthetic COCO-panoptic-format data set"),
     "convert": ("max_deeplab.cli.convert", "COCO panoptic -> TFRecord shards + metadata"),
     "train": ("max_deeplab.cli.train", "train / evaluate (any tf.distribute strategy, orbit)"),
+    "evaluate": ("max_deeplab.cli.evaluate", "PQ/SQ/RQ of the latest checkpoint in --model_dir"),
     "export": ("max_deeplab.cli.export", "checkpoint -> self-contained SavedModel (image in)"),
     "predict": ("max_deeplab.cli.predict", "run a SavedModel: overlays + COCO panoptic results"),
     "import-checkpoint": ("max_deeplab.cli.import_checkpoint",

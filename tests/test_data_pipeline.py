@@ -236,7 +236,7 @@ def test_build_dataset_eval_and_input_context_sharding(records):
 
 
 def test_build_dataset_errors_name_the_problem(records, tmp_path):
-    with pytest.raises(ValueError, match="no files match"):
+    with pytest.raises(ValueError, match="no TFRecord shards match"):
         build_dataset(str(tmp_path / "none-*.tfrecord"), True, 2)
     with pytest.raises(ValueError, match="min_scale"):
         build_dataset(records, True, 2, min_scale=2.0, max_scale=1.0)
@@ -266,3 +266,16 @@ def test_resize_window_equals_resize_pad_crop(size, offset):
     y, x = pad + offset[0], pad + offset[1]
     np.testing.assert_allclose(out_image.numpy(), canvas[y:y + 33, x:x + 41], atol=1e-3)
     np.testing.assert_array_equal(out_label.numpy(), canvas_label[y:y + 33, x:x + 41])
+
+
+def test_shard_glob_skips_the_metadata_file_beside_the_shards(tmp_path):
+    from max_deeplab.data.pipeline import _list_files
+
+    for name in ("train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+                 "train-metadata.json"):
+        (tmp_path / name).write_bytes(b"")
+    files = _list_files(str(tmp_path / "train-*"))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["train-00000-of-00002.tfrecord",
+                                                    "train-00001-of-00002.tfrecord"]
+    with pytest.raises(ValueError, match="no TFRecord shards match"):
+        _list_files(str(tmp_path / "val-*"))

@@ -295,3 +295,20 @@ def test_bad_arguments():
         Lookahead(RAdam(), sync_period=0)
     with pytest.raises(TypeError, match="new-style"):
         Lookahead(tfk.optimizers.legacy.Adam())
+
+
+def test_radam_without_rectification_is_adam():
+    # Hand-written Adam (Kingma & Ba, bias-corrected moments) as the reference.
+    theta, m, v = THETA0.copy(), np.zeros(3), np.zeros(3)
+    expected = []
+    for t, g in enumerate(GRADS, start=1):
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        theta = theta - 0.01 * (m / (1 - B1 ** t)) / (np.sqrt(v / (1 - B2 ** t)) + EPS)
+        expected.append(theta.copy())
+    variable = tf.Variable(THETA0.astype(np.float32))
+    got = _run(RAdam(learning_rate=0.01, rectify=False), variable, GRADS)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # The rectified optimiser differs in the first steps (SGD-like, then damped).
+    rectified = _run(RAdam(learning_rate=0.01), tf.Variable(THETA0.astype(np.float32)), GRADS)
+    assert not np.allclose(rectified[0], expected[0])

@@ -335,3 +335,93 @@ def test_xla_compiles_and_matches_eager():
         np.testing.assert_array_equal(xla[key].numpy(), eager[key].numpy())
     np.testing.assert_allclose(xla["pixel_confidence"].numpy(),
                                eager["pixel_confidence"].numpy(), atol=1e-5)
+
+
+# ------------------------------------- dynamic (kept / candidate slots) vs static path
+
+_pp_module = __import__("max_deeplab.inference.postprocess", fromlist=["_argmax_candidates"])
+
+
+def _smooth_logits(rng, b, h, w, n, scale=6.0):
+    coarse = rng.normal(0, scale, (b, 4, 4, n)).astype(np.float32)
+    return tf.image.resize(coarse, (h, w), method="bicubic").numpy()
+
+
+def _assert_same_outputs(dynamic, static):
+    for key in ("panoptic", "semantic", "instance", "mask_id", "segment_classes"):
+        np.testing.assert_array_equal(dynamic[key].numpy(), static[key].numpy(), err_msg=key)
+    for key in ("pixel_confidence", "class_confidence", "segment_scores"):
+        np.testing.assert_allclose(dynamic[key].numpy(), static[key].numpy(), rtol=1e-6,
+                                   atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("paper", [True, False])
+@pytest.mark.parametrize("kept", ["random", "none", "all", "uneven"])
+@pytest.mark.parametrize("logits", ["smooth", "white"])
+def test_dynamic_path_equals_static_path(paper, kept, logits):
+    rng = np.random.default_rng([int(paper), len(kept), len(logits)])
+    b, h, w, n, c = 2, 9, 11, 24, 5
+    is_thing = [True, False, True, False, True]
+    ml = (_smooth_logits(rng, b, h, w, n) if logits == "smooth"
+          else rng.normal(0, 4, (b, h, w, n)).astype(np.float32))
+    cl = rng.normal(0, 3, (b, n, c + 1)).astype(np.float32)
+    if kept == "none":
+        cl[..., -1] += 50.0  # void wins everywhere: no slot reaches 0.7
+    elif kept == "all":
+        cl[np.arange(b)[:, None], np.arange(n)[None], rng.integers(0, c, (b, n))] += 50.0
+    elif kept == "uneven":  # image 0 keeps every slot, image 1 a single one
+        cl[..., -1] += 50.0
+        cl[0, np.arange(n), rng.integers(0, c, n)] += 100.0
+        cl[1, 3, 2] += 100.0
+    outs = {"mask_logits": ml, "class_logits": cl}
+    # 9x11 -> 33x41 (stride 4: the cell-bound argmax) and 17x21 (stride 2), 20x23 (no
+    # power-of-two stride: dense fallback), and no upsampling.
+    for size in [(33, 41), (17, 21), (20, 23), None]:
+        kw = dict(is_thing=is_thing, image_size=size, thing_area_limit=6,
+                  stuff_area_limit=10, area_limit_reference_size=None,
+                  weight_masks_by_class_confidence=paper)
+        dynamic = postprocess(outs, dynamic_shapes=True, **kw)
+        static = postprocess(outs, dynamic_shapes=False, **kw)
+        _assert_same_outputs(dynamic, static)
+        if kept == "none":
+            assert (dynamic["panoptic"].numpy() == 0).all()
+        if kept == "all":
+            assert (dynamic["mask_id"].numpy() > 0).all()
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_cell_bound_argmax_equals_full_upsample_argmax(offset):
+    # White-noise logits have many candidates per cell; force the candidate path anyway.
+    rng = np.random.default_rng(3)
+    ml = tf.constant(rng.normal(0, 5, (2, 17, 13, 30)), tf.float32)
+    # Exact ties between slots 4 and 9 (same logits) must resolve to slot 4.
+    ml = tf.concat([ml[..., :9], ml[..., 4:5], ml[..., 10:]], axis=-1)
+    size = (65, 49)
+    up = _pp_module.upsample_logits(ml, size)
+    add = rng.normal(0, 1, (2, 30)).astype(np.float32) if offset else None
+    allowed = rng.random((2, 30)) < 0.5 if offset else None
+    scored = up + add[:, None, None, :] if offset else up
+    if offset:
+        scored = tf.where(allowed[:, None, None, :], scored, -np.inf)
+    want = tf.argmax(scored, axis=-1, output_type=tf.int32).numpy()
+
+    def fail():
+        raise AssertionError("fallback used")
+
+    got, value = _pp_module._argmax_candidates(ml, size, fail, offset=add, allowed=allowed,
+                                               max_pairs=10**9)
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(value.numpy(), tf.reduce_max(scored, axis=-1).numpy())
+    if not offset:
+        assert ((want == 4) | (want == 9)).any() and not (want == 9).any()
+
+
+def test_dynamic_is_default_outside_xla_and_static_inside():
+    rng = np.random.default_rng(5)
+    outs = {"mask_logits": _smooth_logits(rng, 1, 9, 9, 16),
+            "class_logits": rng.normal(0, 3, (1, 16, 4)).astype(np.float32)}
+    kw = dict(is_thing=[True, False, True], image_size=(33, 33), **NO_AREA)
+    xla = tf.function(lambda o: postprocess(o, **kw), jit_compile=True)(outs)
+    graph = tf.function(lambda o: postprocess(o, **kw))(outs)
+    _assert_same_outputs(graph, xla)
+    _assert_same_outputs(postprocess(outs, **kw), xla)

@@ -20,16 +20,19 @@ from absl import flags
 
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("annotations", None, "COCO panoptic annotation JSON.")
-flags.DEFINE_string("images", None, "Directory of the images (images[].file_name).")
-flags.DEFINE_string("panoptic", None, "Directory of the panoptic PNGs (annotations[].file_name).")
+flags.DEFINE_string("annotations", None, "COCO panoptic annotation JSON.", allow_override=True)
+flags.DEFINE_string("images", None, "Directory of the images (images[].file_name).",
+                    allow_override=True)
+flags.DEFINE_string("panoptic", None, "Directory of the panoptic PNGs (annotations[].file_name).",
+                    allow_override=True)
 flags.DEFINE_string("output", None, "Output prefix: PREFIX-NNNNN-of-KKKKK.tfrecord and "
-                    "PREFIX-metadata.json.")
-flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards.", lower_bound=1)
+                    "PREFIX-metadata.json.", allow_override=True)
+flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards.", lower_bound=1,
+                     allow_override=True)
 flags.DEFINE_integer("num_workers", None, "Decoding worker processes (default: the usable "
-                     "CPU cores; 1 = convert in this process).", lower_bound=1)
+                     "CPU cores; 1 = convert in this process).", lower_bound=1, allow_override=True)
 flags.DEFINE_integer("label_divisor", 256, "panoptic = class * label_divisor + instance.",
-                     lower_bound=2)
+                     lower_bound=2, allow_override=True)
 
 
 def main(argv: list[str]) -> int:

@@ -20,9 +20,10 @@ from absl import flags
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory (latest checkpoint) or prefix.")
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (latest checkpoint) or prefix.",
+                    allow_override=True)
 flags.DEFINE_string("export_dir", None, "Directory to write the SavedModel to (must not "
-                    "exist or be empty).")
+                    "exist or be empty).", allow_override=True)
 flags.DEFINE_string("metadata", None, "Data-set metadata JSON written by `convert` "
                     "(PREFIX-metadata.json), or a COCO panoptic JSON with 'categories'. "
                     "Default: a *metadata.json next to the checkpoint.", allow_override=True)

@@ -7,9 +7,10 @@ import os
 from absl import flags
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); repeatable. Relative paths are "
-                          "also looked up under the repo's configs/ directory.")
+                          "also looked up under the repo's configs/ directory.",
+                          allow_override=True)
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. "
-                          "'MaXDeepLab.num_mask_slots = 64'; repeatable.")
+                          "'MaXDeepLab.num_mask_slots = 64'; repeatable.", allow_override=True)
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")

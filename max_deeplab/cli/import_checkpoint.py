@@ -13,10 +13,12 @@ from max_deeplab.cli.flag_parsing import parse_flags
 
 flags.DEFINE_string("reference_checkpoint", None,
                     "The reference (deeplab2) checkpoint: a prefix such as "
-                    "DIR/ckpt-400000, its .index file, or a directory holding it.")
+                    "DIR/ckpt-400000, its .index file, or a directory holding it.",
+                    allow_override=True)
 flags.DEFINE_string("output", None, "Directory to write our checkpoint to (ckpt-0 plus the "
-                    "'checkpoint' index file and reference_import.json).")
-flags.DEFINE_bool("overwrite", False, "Replace --output if it exists and is not empty.")
+                    "'checkpoint' index file and reference_import.json).", allow_override=True)
+flags.DEFINE_bool("overwrite", False, "Replace --output if it exists and is not empty.",
+                  allow_override=True)
 
 DOC = """Imports a published MaX-DeepLab checkpoint of the reference implementation (deeplab2,
 TF2 checkpoint format; the deeplab2 code is not needed) into this project's model built from

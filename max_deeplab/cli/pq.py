@@ -20,14 +20,17 @@ from absl import flags
 
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (with 'categories').")
-flags.DEFINE_string("gt_dir", None, "Directory of ground-truth panoptic PNGs.")
-flags.DEFINE_string("pred_json", None, "Prediction COCO panoptic JSON.")
-flags.DEFINE_string("pred_dir", None, "Directory of prediction panoptic PNGs.")
-flags.DEFINE_string("output", None, "Optional path of the metrics JSON to write.")
+flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (with 'categories').",
+                    allow_override=True)
+flags.DEFINE_string("gt_dir", None, "Directory of ground-truth panoptic PNGs.", allow_override=True)
+flags.DEFINE_string("pred_json", None, "Prediction COCO panoptic JSON.", allow_override=True)
+flags.DEFINE_string("pred_dir", None, "Directory of prediction panoptic PNGs.", allow_override=True)
+flags.DEFINE_string("output", None, "Optional path of the metrics JSON to write.",
+                    allow_override=True)
 flags.DEFINE_integer("num_workers", None, "Worker processes (default: the usable CPU cores; "
-                     "1 = evaluate in this process).", lower_bound=1)
-flags.DEFINE_boolean("per_class", False, "Also print the per-class PQ / SQ / RQ table.")
+                     "1 = evaluate in this process).", lower_bound=1, allow_override=True)
+flags.DEFINE_boolean("per_class", False, "Also print the per-class PQ / SQ / RQ table.",
+                     allow_override=True)
 
 
 def _write_json(path: str, data: dict) -> None:

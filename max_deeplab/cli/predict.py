@@ -26,13 +26,14 @@ from absl import flags
 
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("saved_model", None, "SavedModel directory written by `export`.")
+flags.DEFINE_string("saved_model", None, "SavedModel directory written by `export`.",
+                    allow_override=True)
 flags.DEFINE_string("images", None, "Glob of input images (any format Pillow reads); "
                     "comma-separated globs allowed.", allow_override=True)
 flags.DEFINE_string("output_dir", None, "Directory for overlays, panoptic PNGs and "
                     "predictions.json.", allow_override=True)
 flags.DEFINE_string("images_json", None, "Optional COCO JSON whose 'images' give the "
-                    "image_id of each file_name.")
+                    "image_id of each file_name.", allow_override=True)
 
 FLAGS = flags.FLAGS
 

@@ -25,8 +25,10 @@ flags.DEFINE_integer("steps", None, "Train steps (overrides pretrain_options.tra
                      "train_steps).", allow_override=True)
 flags.DEFINE_integer("checkpoint_every", None, "Save a checkpoint every N steps "
                      "(overrides pretrain_options.checkpoint_every).", allow_override=True)
-flags.DEFINE_string("train_split", None, "TFDS training split (default: 'train').")
-flags.DEFINE_string("eval_split", None, "TFDS evaluation split (default: 'validation').")
+flags.DEFINE_string("train_split", None, "TFDS training split (default: 'train').",
+                    allow_override=True)
+flags.DEFINE_string("eval_split", None, "TFDS evaluation split (default: 'validation').",
+                    allow_override=True)
 
 DOC = """Pretrains the MaX-DeepLab backbone (stem and stages with P2P blocks only; no memory,
 no dual-path attention, no FFN) with global average pooling and a linear classifier on

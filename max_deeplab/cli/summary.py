@@ -9,7 +9,7 @@ from max_deeplab.cli import gin_flags  # noqa: F401  (defines --gin_file/--gin_b
 from max_deeplab.cli.flag_parsing import parse_flags
 
 flags.DEFINE_bool("flops", True, "Also count FLOPs at the configured input size (traces the "
-                  "model once; a few seconds for MaX-DeepLab-S).")
+                  "model once; a few seconds for MaX-DeepLab-S).", allow_override=True)
 
 DOC = """Prints parameter counts (total, backbone, memory path, decoder, heads, semantic
 branch) and FLOPs of the model configured by --gin_file/--gin_bindings. The line

@@ -18,14 +18,17 @@ from absl import flags
 
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("output_dir", None, "Directory to write the data set into.")
-flags.DEFINE_integer("num_images", 100, "Total number of images (train + val).", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Random seed; image i depends only on (seed, i).")
-flags.DEFINE_integer("height", 128, "Image height in pixels.", lower_bound=16)
-flags.DEFINE_integer("width", 160, "Image width in pixels.", lower_bound=16)
+flags.DEFINE_string("output_dir", None, "Directory to write the data set into.",
+                    allow_override=True)
+flags.DEFINE_integer("num_images", 100, "Total number of images (train + val).", lower_bound=1,
+                     allow_override=True)
+flags.DEFINE_integer("seed", 0, "Random seed; image i depends only on (seed, i).",
+                     allow_override=True)
+flags.DEFINE_integer("height", 128, "Image height in pixels.", lower_bound=16, allow_override=True)
+flags.DEFINE_integer("width", 160, "Image width in pixels.", lower_bound=16, allow_override=True)
 flags.DEFINE_integer("num_val_images", None, "Images in the val split (the last ones); "
                      "default: a fifth of --num_images (at least 1 when there are 2+).",
-                     lower_bound=0)
+                     lower_bound=0, allow_override=True)
 
 
 def main(argv: list[str]) -> int:

@@ -18,21 +18,29 @@ from absl import flags
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries and metrics.")
-flags.DEFINE_string("tpu", None, "TPU name or address (implies --strategy=tpu).")
+flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries and metrics.",
+                    allow_override=True)
+flags.DEFINE_string("tpu", None, "TPU name or address (implies --strategy=tpu).",
+                    allow_override=True)
 flags.DEFINE_enum("strategy", None, ["mirrored", "multi_worker", "one_device", "tpu"],
                   "Distribution strategy; default: tpu with --tpu, multi_worker when "
-                  "TF_CONFIG is set, else mirrored.")
+                  "TF_CONFIG is set, else mirrored.", allow_override=True)
 flags.DEFINE_enum("mode", "train", ["train", "eval", "train_and_eval", "continuous_eval"],
-                  "What to run.")
-flags.DEFINE_string("train_data", None, "Training TFRecord glob (from `max-deeplab convert`).")
-flags.DEFINE_string("eval_data", None, "Evaluation TFRecord glob.")
-flags.DEFINE_integer("steps", None, "Total training steps (overrides the gin config).")
-flags.DEFINE_integer("checkpoint_every", None, "Save a checkpoint every N steps.")
+                  "What to run.", allow_override=True)
+flags.DEFINE_string("train_data", None, "Training TFRecord glob (from `max-deeplab convert`).",
+                    allow_override=True)
+flags.DEFINE_string("eval_data", None, "Evaluation TFRecord glob.", allow_override=True)
+flags.DEFINE_integer("steps", None, "Total training steps (overrides the gin config).",
+                     allow_override=True)
+flags.DEFINE_integer("checkpoint_every", None, "Save a checkpoint every N steps.",
+                     allow_override=True)
 flags.DEFINE_string("initial_checkpoint", None, "Checkpoint to initialise matching weights "
-                    "from when the model directory has none (e.g. a pretrained backbone).")
-flags.DEFINE_boolean("jit_compile", None, "Compile each step with XLA (single replica / TPU).")
-flags.DEFINE_enum("mixed_precision", None, ["bfloat16"], "Mixed precision (TPU).")
+                    "from when the model directory has none (e.g. a pretrained backbone).",
+                    allow_override=True)
+flags.DEFINE_boolean("jit_compile", None, "Compile each step with XLA (single replica / TPU).",
+                     allow_override=True)
+flags.DEFINE_enum("mixed_precision", None, ["bfloat16"], "Mixed precision (TPU).",
+                  allow_override=True)
 
 _ = gin_flags  # --gin_file / --gin_bindings
 
@@ -86,6 +94,46 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+RUN_CONFIG_GIN = "config.gin"
+RUN_CONFIG_JSON = "run.json"
+
+
+def check_num_classes(num_classes: int, source: str) -> None:
+    """The model's class count must equal the data set's (a clear error, not a crash)."""
+    import gin
+
+    try:
+        model_classes = gin.query_parameter("MaXDeepLab.num_classes")
+    except ValueError:  # not bound: the constructor's default
+        import inspect
+
+        from max_deeplab.model import MaXDeepLab
+
+        model_classes = inspect.signature(MaXDeepLab.__init__).parameters["num_classes"].default
+    if model_classes != num_classes:
+        raise ValueError(
+            f"the data set ({source}) has {num_classes} classes but the model is configured "
+            f"with MaXDeepLab.num_classes = {model_classes}; add --gin_bindings "
+            f"'MaXDeepLab.num_classes = {num_classes}' or use a matching config")
+
+
+def save_run_config(model_dir: str, **data_flags: str | None) -> None:
+    """Saves the gin config and data flags in the model directory, so `evaluate`, `export`
+    and resumed runs rebuild the same model without repeating them."""
+    import json
+
+    import gin
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(model_dir)
+    for name, text in ((RUN_CONFIG_GIN, gin.config_str()),
+                       (RUN_CONFIG_JSON, json.dumps(data_flags, indent=1))):
+        path = f"{model_dir.rstrip('/')}/{name}"
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
 def _run(strategy_name: str, options: dict):
     """Wires the data pipeline, model, loss and post-processing into `run_experiment`."""
     import tensorflow as tf
@@ -108,6 +156,9 @@ def _run(strategy_name: str, options: dict):
     metadata = load_metadata(metadata_source)
     is_thing = is_thing_table(metadata)
     label_divisor = int(metadata["label_divisor"])
+    check_num_classes(int(metadata["num_classes"]), metadata_source)
+    if FLAGS.mode in ("train", "train_and_eval"):
+        save_run_config(FLAGS.model_dir, train_data=FLAGS.train_data, eval_data=FLAGS.eval_data)
 
     def dataset_fn(pattern: str | None, is_training: bool):
         if pattern is None:

@@ -219,11 +219,14 @@ def preprocess_eval(example: dict[str, tf.Tensor], crop_size: Sequence[int], k_m
 
 
 def _list_files(file_pattern: str) -> list[str]:
+    """Shards matching the comma-separated globs. The metadata JSON that `convert` writes
+    beside the shards is skipped, so `PREFIX-*` globs work."""
     files = []
     for pattern in file_pattern.split(","):
-        matched = sorted(tf.io.gfile.glob(pattern.strip()))
+        matched = sorted(f for f in tf.io.gfile.glob(pattern.strip())
+                         if not f.endswith(metadata_lib.METADATA_SUFFIX))
         if not matched:
-            raise ValueError(f"no files match {pattern.strip()!r}")
+            raise ValueError(f"no TFRecord shards match {pattern.strip()!r}")
         files.extend(matched)
     return files
 
