@@ -145,6 +145,7 @@ def _run(strategy_name: str, options: dict):
         create_strategy,
         matching_backend_for,
         run_experiment,
+        worker_write_dir,
     )
 
     FLAGS = flags.FLAGS
@@ -157,7 +158,9 @@ def _run(strategy_name: str, options: dict):
     is_thing = is_thing_table(metadata)
     label_divisor = int(metadata["label_divisor"])
     check_num_classes(int(metadata["num_classes"]), metadata_source)
-    if FLAGS.mode in ("train", "train_and_eval"):
+    # Only the chief writes into the shared model directory (see `worker_write_dir`).
+    if (FLAGS.mode in ("train", "train_and_eval")
+            and worker_write_dir(strategy, FLAGS.model_dir) == FLAGS.model_dir):
         save_run_config(FLAGS.model_dir, train_data=FLAGS.train_data, eval_data=FLAGS.eval_data)
 
     def dataset_fn(pattern: str | None, is_training: bool):

@@ -9,6 +9,12 @@ Checkpoints: `tf.train.Checkpoint(model=..., optimizer=..., global_step=...)` in
 automatically (same step, same optimiser slots and step count); otherwise an optional
 `initial_checkpoint` (e.g. an ImageNet-pretrained backbone) initialises the matching model
 weights. On TPU / multi-worker runs a `PreemptionCheckpointHandler` saves on preemption.
+
+Multi-worker runs (MultiWorkerMirroredStrategy): every worker takes part in each save (reading
+synchronised variables can be a collective op), but only the chief's files are the run's.
+Other workers write checkpoints, summaries and metrics to `model_dir/workertemp_<task id>`
+(the tf_keras / tf.distribute convention), cleared when they start, and resume from the
+chief's latest checkpoint in `model_dir`, so no two processes write the same path.
 """
 from __future__ import annotations
 
@@ -107,11 +113,24 @@ def experiment_options(total_steps: int = 100_000, train_batch_size: int = 64,
                        max_to_keep: int = 5, steps_per_loop: int = 100,
                        eval_interval: int | None = None, eval_steps: int = -1,
                        continuous_eval_timeout: float | None = None,
-                       initial_checkpoint: str | None = None, jit_compile: bool = False,
+                       initial_checkpoint: str | None = None,
+                       initial_checkpoint_scope: str = "backbone", jit_compile: bool = False,
                        mixed_precision: str | None = None) -> dict:
-    """Run options with the paper's values (§4: batch 64, 100k steps). `mixed_precision`
+    """Run options with the paper's values (§4: batch 64, 100k steps).
+
+    `initial_checkpoint_scope`: "backbone" loads only the pretrainable backbone (the paper's
+    ImageNet initialisation; memory path, decoder and heads stay random), "all" every
+    weight whose name and shape match (fine-tuning from a panoptic checkpoint). `mixed_precision`
     "bfloat16" sets tf_keras' mixed_bfloat16 policy (TPU)."""
     return dict(locals())
+
+
+def worker_write_dir(strategy: tf.distribute.Strategy, model_dir: str) -> str:
+    """Where this process writes: `model_dir` on the chief (and in single-worker runs),
+    `model_dir/workertemp_<task id>` on the other workers of a multi-worker run."""
+    if strategy.extended.should_checkpoint:
+        return model_dir
+    return os.path.join(model_dir, f"workertemp_{strategy.cluster_resolver.task_id}")
 
 
 def _steps_per_loop(steps_per_loop: int, checkpoint_every: int) -> int:
@@ -160,6 +179,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          global_step=global_step)
 
+    write_dir = worker_write_dir(strategy, model_dir)
     trainer = evaluator = None
     if training:
         batch = int(opts["train_batch_size"])
@@ -176,16 +196,34 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             strategy, lambda input_context: eval_dataset_fn(input_context, batch))
         evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
                               postprocess_fn, global_step, label_divisor=label_divisor,
-                              image_summary_dir=os.path.join(model_dir, "eval_images"),
+                              image_summary_dir=os.path.join(write_dir, "eval_images"),
                               jit_compile=opts["jit_compile"])
 
     init_fn = None
     if opts["initial_checkpoint"] and training:
-        init_fn = lambda: load_initial_checkpoint(model, opts["initial_checkpoint"])
+        scope = opts["initial_checkpoint_scope"]
+        if scope == "backbone":
+            from max_deeplab.training.initial_checkpoint import load_backbone_checkpoint
+
+            init_fn = lambda: load_backbone_checkpoint(model, opts["initial_checkpoint"],
+                                                       print_fn=print_fn)
+        elif scope == "all":
+            init_fn = lambda: load_initial_checkpoint(model, opts["initial_checkpoint"])
+        else:
+            raise ValueError(f"initial_checkpoint_scope must be 'backbone' or 'all', got "
+                             f"{scope!r}")
     checkpoint_every = int(opts["checkpoint_every"])
-    manager = tf.train.CheckpointManager(
-        checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
-        step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
+    if training and write_dir != model_dir:
+        # A non-chief worker: what an earlier run left in its scratch is never resumed.
+        if tf.io.gfile.exists(write_dir):
+            tf.io.gfile.rmtree(write_dir)
+        manager = _NonChiefCheckpointManager(
+            checkpoint, model_dir, directory=write_dir, max_to_keep=1,
+            step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
+    else:
+        manager = tf.train.CheckpointManager(
+            checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
+            step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
     train_actions = []
     handler = _preemption_handler(strategy, manager) if training else None
     if handler is not None:
@@ -196,9 +234,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
         strategy=strategy, trainer=trainer, evaluator=evaluator, global_step=global_step,
         steps_per_loop=steps_per_loop if training else None,
         checkpoint_manager=manager, train_actions=train_actions,
-        summary_dir=os.path.join(model_dir, "train") if training else None,
+        summary_dir=os.path.join(write_dir, "train") if training else None,
         summary_interval=steps_per_loop if training else None,
-        eval_summary_dir=os.path.join(model_dir, "eval") if evaluating else None)
+        eval_summary_dir=os.path.join(write_dir, "eval") if evaluating else None)
 
     result = None
     if mode == "train":
@@ -217,8 +255,31 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             steps=int(opts["eval_steps"]), timeout=timeout,
             timeout_fn=lambda: int(global_step.numpy()) >= total_steps)
     if evaluator is not None and evaluator.last_result is not None:
-        _write_metrics(model_dir, int(global_step.numpy()), evaluator.last_result)
+        _write_metrics(write_dir, int(global_step.numpy()), evaluator.last_result)
     return result
+
+
+class _NonChiefCheckpointManager(tf.train.CheckpointManager):
+    """Saves into a non-chief worker's scratch directory, resumes from the chief's.
+
+    All workers must save at the same steps (a save can be a collective op), so a resumed
+    worker also takes the chief's save schedule: the next save `checkpoint_interval` steps
+    after the restored step, as `CheckpointManager.restore_or_initialize` does for its own
+    directory.
+    """
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, chief_dir: str, **kwargs):
+        super().__init__(checkpoint, **kwargs)
+        self._chief_dir = chief_dir
+
+    def restore_or_initialize(self) -> str | None:
+        latest = tf.train.latest_checkpoint(self._chief_dir)
+        if latest is None:
+            return super().restore_or_initialize()
+        self.checkpoint.restore(latest)
+        if self.checkpoint_interval is not None:
+            self._last_checkpoint_step = int(self._step_counter.numpy())
+        return latest
 
 
 def _write_metrics(model_dir: str, step: int, result: dict) -> None:
