@@ -63,7 +63,8 @@ def test_void_prior_bias_at_initialisation(tiny_model):
 
 
 def test_every_trainable_variable_gets_a_gradient():
-    model = _tiny_model()
+    # Drop path off: a branch dropped for every image of the batch has no gradient.
+    model = _tiny_model("BlockGroup.drop_path_keep_prob = 1.0")
     _randomise_batch_norm(model)
     images = tf.random.uniform([2, *TINY_SIZE, 3], 0, 255, seed=2)
     rng = np.random.default_rng(3)
@@ -245,3 +246,12 @@ def test_summary_verb_reports_a_missing_gin_file(capsys):
 
     assert main(["max-deeplab", "summary", "--gin_file", "no_such_config.gin"]) == 2
     assert "no_such_config.gin" in capsys.readouterr().err
+
+
+def test_query_key_value_projections_start_different():
+    # An initializer instance shared between layers would give them identical weights.
+    block, _ = _dual_path_block()
+    memory = block._memory_qkv_conv_bn._conv.kernel.numpy()
+    pixel = block._pixel_qkv_conv_bn._conv.kernel.numpy()
+    assert memory.shape == pixel.shape
+    assert not np.allclose(memory, pixel)

@@ -8,6 +8,14 @@ axial attention is a height pass followed by a width pass.
 
 Each similarity term and each retrieved term is batch-normalised separately before they are
 summed, as in the reference implementation (weight shapes match its checkpoints).
+
+Speed (DESIGN.md §8): the relative terms are never computed from a gathered [L, L, d] table.
+q_o·r_{p-o} for all queries o and all 2L-1 offsets is one [L, d] x [d, 2L-1] matmul whose
+[L, 2L-1] result is "skewed" (a slice and two reshapes) into [L, L] — the relative-attention
+skew of Transformer-XL / Music Transformer; the key term is the same with the roles of query
+and key swapped (and the offsets reversed), and the value term multiplies the "unskewed"
+(zero-padded) weights [L, 2L-1] by the table. Out of training the batch norms of the terms
+are folded into per-head scales and one shift (the same affine maps, applied before the sum).
 """
 from __future__ import annotations
 
@@ -40,6 +48,65 @@ def relative_distance_indices(length: int) -> np.ndarray:
     return (pos[None, :] - pos[:, None] + MAX_SPAN - 1).astype(np.int32)
 
 
+def skew_relative_logits(logits: tf.Tensor) -> tf.Tensor:
+    """[batch, heads, L, 2L-1] logits per (query o, offset row j) -> [batch, heads, L, L] per
+    (query o, key p), reading j = p - o + L - 1.
+
+    Flattened row-major, entry (o, p - o + L - 1) sits at (L - 1) + o * (2L - 2) + p, so
+    dropping the first L - 1 entries and reading rows of 2L - 2 puts (o, p) at column p: a
+    slice and reshapes, no gather (its gradient is `unskew_relative_weights`).
+    """
+    _, heads, length, width = logits.shape.as_list()
+    if width != 2 * length - 1:
+        raise ValueError(f"expected {2 * length - 1} relative offsets, got {width}")
+    if length == 1:
+        return logits
+    flat = tf.reshape(logits, [-1, heads, length * width])
+    flat = flat[:, :, length - 1:length - 1 + length * (2 * length - 2)]
+    return tf.reshape(flat, [-1, heads, length, 2 * length - 2])[..., :length]
+
+
+def unskew_relative_weights(weights: tf.Tensor) -> tf.Tensor:
+    """The transpose of `skew_relative_logits`: [batch, heads, L, L] per (o, p) ->
+    [batch, heads, L, 2L-1] per (o, j = p - o + L - 1), zero where o + j - (L-1) is off-axis."""
+    _, heads, length, _ = weights.shape.as_list()
+    if length == 1:
+        return weights
+    padded = tf.pad(weights, [[0, 0], [0, 0], [0, 0], [0, length - 2]])
+    flat = tf.reshape(padded, [-1, heads, length * (2 * length - 2)])
+    # L * (2L - 1) = (L - 1) + L * (2L - 2) + 1.
+    flat = tf.pad(flat, [[0, 0], [0, 0], [length - 1, 1]])
+    return tf.reshape(flat, [-1, heads, length, 2 * length - 1])
+
+
+def _times_table(x: tf.Tensor, table: tf.Tensor, transpose_table: bool) -> tf.Tensor:
+    """[batch, heads, L, k] times a shared table ([n, k] transposed, or [k, n]) ->
+    [batch, heads, L, n], as one large 2-D matmul (a layout oneDNN runs near peak)."""
+    _, heads, length, depth = x.shape.as_list()
+    out = tf.matmul(tf.reshape(x, [-1, depth]), table, transpose_b=transpose_table)
+    return tf.reshape(out, [-1, heads, length, table.shape[0 if transpose_table else 1]])
+
+
+def _uses_moving_statistics(training) -> bool:
+    """True when Keras batch norm would normalise with its moving statistics."""
+    if training is None:
+        training = tfk.backend.learning_phase()
+    if isinstance(training, (bool, int)):
+        return not training
+    return False  # a symbolic flag: take the general path, which handles it
+
+
+def _folded_batch_norm(bn: tfk.layers.Layer) -> tuple[tf.Tensor, tf.Tensor]:
+    """(scale, shift) such that inference-mode BN(x) = x * scale + shift (Keras' formula)."""
+    scale = tf.math.rsqrt(bn.moving_variance + bn.epsilon)
+    if bn.gamma is not None:
+        scale = scale * bn.gamma
+    shift = -bn.moving_mean * scale
+    if bn.beta is not None:
+        shift = shift + bn.beta
+    return scale, shift
+
+
 class RelativePositionalEncoding(tfk.layers.Layer):
     """A learned table of relative position embeddings, gathered into [L, L, depth]."""
 
@@ -56,10 +123,19 @@ class RelativePositionalEncoding(tfk.layers.Layer):
         super().build(input_shape)
 
     def table(self, length: int) -> tf.Tensor:
-        """The [length, length, depth] encodings r_{p-o} for every query o and key p."""
+        """The [length, length, depth] encodings r_{p-o} for every query o and key p (the
+        straightforward formulation; the attention itself uses `offsets`)."""
         if not self.built:
             self.build(None)
         return tf.gather(self._embeddings, relative_distance_indices(length))
+
+    def offsets(self, length: int) -> tf.Tensor:
+        """The [2L-1, depth] encodings of offsets -(L-1) .. L-1: row j is r_{j-(L-1)}, i.e.
+        `table(length)[o, p] == offsets(length)[p - o + L - 1]`."""
+        if not self.built:
+            self.build(None)
+        relative_distance_indices(length)  # validates the span with a clear error
+        return self._embeddings[MAX_SPAN - length:MAX_SPAN + length - 1]
 
 
 @gin.configurable
@@ -126,41 +202,88 @@ class AxialAttention(tfk.layers.Layer):
         for rpe in ("_query_rpe", "_key_rpe", "_value_rpe"):
             if hasattr(self, rpe):
                 getattr(self, rpe).build(None)
+        # Create the batch norms' weights now, exactly as their first call would (same
+        # names and shapes): out of training they are only read, never called.
+        heads = self._num_heads
+        num_similarities = self._use_content + self._use_query_rpe + self._use_key_rpe
+        num_retrieved = self._retrieve_content + self._retrieve_rpe
+        self._batch_norm_qkv(tf.zeros([1, 1, int(self.qkv_kernel.shape[-1])]), training=False)
+        self._batch_norm_similarity(tf.zeros([num_similarities, 1, heads, 1, 1]),
+                                    training=False)
+        self._batch_norm_retrieved_output(
+            tf.zeros([num_retrieved, 1, heads, 1, self._total_value_depth // heads]),
+            training=False)
         super().build(input_shape)
 
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        length = x.shape[1]
+        length, channels = x.shape[1], x.shape[2]
         if length is None:
             raise ValueError("axial attention needs a static axis length")
         relative_distance_indices(length)  # validates the span with a clear error
         heads = self._num_heads
-        qkv = tf.einsum("nlc,cd->nld", x, self.qkv_kernel)
-        qkv = self._batch_norm_qkv(qkv, training=training)
-        q, k, v = tf.split(qkv, [self._total_key_depth, self._total_key_depth,
-                                 self._total_value_depth], axis=-1)
-        q = tf.transpose(tf.reshape(q, [-1, length, heads, self._total_key_depth // heads]),
-                         [0, 2, 1, 3])
-        k = tf.transpose(tf.reshape(k, [-1, length, heads, self._total_key_depth // heads]),
-                         [0, 2, 1, 3])
-        v = tf.reshape(v, [-1, length, heads, self._total_value_depth // heads])
+        key_depth = self._total_key_depth // heads
+        value_depth = self._total_value_depth // heads
+        fold = _uses_moving_statistics(training)
+        splits = [self._total_key_depth, self._total_key_depth, self._total_value_depth]
+        # The projection as 2-D matmuls (oneDNN runs them faster than the einsum).
+        x = tf.reshape(x, [-1, channels])
+        if fold:
+            # Inference BN folded into the kernel: q, k, v = x (W * scale) + shift.
+            scale, shift = _folded_batch_norm(self._batch_norm_qkv)
+            kernels = tf.split(self.qkv_kernel * scale, splits, axis=-1)
+            q, k, v = (tf.matmul(x, kernel) + bias
+                       for kernel, bias in zip(kernels, tf.split(shift, splits)))
+        else:
+            qkv = tf.reshape(tf.matmul(x, self.qkv_kernel), [-1, length, sum(splits)])
+            q, k, v = tf.split(self._batch_norm_qkv(qkv, training=training), splits, axis=-1)
+        q = tf.transpose(tf.reshape(q, [-1, length, heads, key_depth]), [0, 2, 1, 3])
+        k = tf.transpose(tf.reshape(k, [-1, length, heads, key_depth]), [0, 2, 1, 3])
+        v = tf.transpose(tf.reshape(v, [-1, length, heads, value_depth]), [0, 2, 1, 3])
 
-        similarities = []
+        # Similarity terms, each [b, heads, L, L] (query o, key p).
+        if fold:
+            scale, shift = _folded_batch_norm(self._batch_norm_similarity)
+            # [terms, 1, heads, 1, 1] -> per term [heads, 1, 1], applied to q or k (linear).
+            term_scales = tf.unstack(scale[:, 0], axis=0)
+        terms = []
         if self._use_content:
-            similarities.append(tf.einsum("bhld,bhmd->bhlm", q, k))
+            query = q * term_scales[len(terms)] if fold else q
+            terms.append(tf.matmul(query, k, transpose_b=True))
         if self._use_query_rpe:
-            similarities.append(tf.einsum("bhld,lmd->bhlm", q, self._query_rpe.table(length)))
+            query = q * term_scales[len(terms)] if fold else q
+            terms.append(skew_relative_logits(
+                _times_table(query, self._query_rpe.offsets(length), transpose_table=True)))
         if self._use_key_rpe:
-            similarities.append(tf.einsum("bhmd,lmd->bhlm", k, self._key_rpe.table(length)))
-        logits = self._batch_norm_similarity(tf.stack(similarities), training=training)
-        weights = tf.nn.softmax(tf.reduce_sum(logits, axis=0), axis=-1)
+            key = k * term_scales[len(terms)] if fold else k
+            # k_p·r_{p-o}: index the key's row by o - p + L - 1 (reversed offsets), skew to
+            # [p, o], then swap the last two axes.
+            reversed_offsets = tf.reverse(self._key_rpe.offsets(length), axis=[0])
+            terms.append(tf.transpose(skew_relative_logits(
+                _times_table(key, reversed_offsets, transpose_table=True)), [0, 1, 3, 2]))
+        if fold:
+            logits = tf.add_n(terms) + tf.reduce_sum(shift, axis=0)
+        else:
+            logits = tf.reduce_sum(
+                self._batch_norm_similarity(tf.stack(terms), training=training), axis=0)
+        weights = tf.nn.softmax(logits, axis=-1)
 
+        # Retrieved terms, each [b, heads, L, value_depth].
+        if fold:
+            scale, shift = _folded_batch_norm(self._batch_norm_retrieved_output)
+            term_scales = tf.unstack(scale[:, 0], axis=0)  # per term [heads, 1, value_depth]
         retrieved = []
         if self._retrieve_content:
-            retrieved.append(tf.einsum("bhlm,bmhd->bhld", weights, v))
+            value = v * term_scales[len(retrieved)] if fold else v
+            retrieved.append(tf.matmul(weights, value))
         if self._retrieve_rpe:
-            retrieved.append(tf.einsum("bhlm,lmd->bhld", weights, self._value_rpe.table(length)))
-        out = self._batch_norm_retrieved_output(tf.stack(retrieved), training=training)
-        out = tf.reduce_sum(out, axis=0)
+            out = _times_table(unskew_relative_weights(weights), self._value_rpe.offsets(length),
+                               transpose_table=False)
+            retrieved.append(out * term_scales[len(retrieved)] if fold else out)
+        if fold:
+            out = tf.add_n(retrieved) + tf.reduce_sum(shift, axis=0)
+        else:
+            out = tf.reduce_sum(self._batch_norm_retrieved_output(tf.stack(retrieved),
+                                                                  training=training), axis=0)
         out = tf.transpose(out, [0, 2, 1, 3])
         return tf.reshape(out, [-1, length, self._total_value_depth])
 

@@ -97,7 +97,9 @@ class DualPathTransformerBlock(tfk.layers.Layer):
         self._activation = activation
         self._activation_fn = get_activation(activation)
         self._bn_layer = bn_layer
-        qkv_init = tfk.initializers.TruncatedNormal(stddev=bottleneck ** -0.5)
+        # A fresh initializer per layer: a reused unseeded instance repeats its values.
+        def qkv_init():
+            return tfk.initializers.TruncatedNormal(stddev=bottleneck ** -0.5)
 
         self._memory_conv1_bn_act = Conv1DBN(bottleneck, "memory_conv1_bn_act",
                                              bn_layer=bn_layer, activation=activation)
@@ -107,19 +109,19 @@ class DualPathTransformerBlock(tfk.layers.Layer):
         if self._use_m2m or self._use_p2m:
             self._memory_qkv_conv_bn = Conv1DBN(2 * self._key_depth + self._value_depth,
                                                 "memory_qkv_conv_bn", bn_layer=bn_layer,
-                                                kernel_initializer=qkv_init)
+                                                kernel_initializer=qkv_init())
         else:
             self._memory_query_conv_bn = Conv1DBN(self._key_depth, "memory_query_conv_bn",
-                                                  bn_layer=bn_layer, kernel_initializer=qkv_init)
+                                                  bn_layer=bn_layer, kernel_initializer=qkv_init())
         # Pixel queries exist only for P2M; pixel keys/values always feed M2P.
         if self._use_p2m:
             self._pixel_qkv_conv_bn = Conv1DBN(2 * self._key_depth + self._value_depth,
                                                "pixel_qkv_conv_bn", bn_layer=bn_layer,
-                                               kernel_initializer=qkv_init)
+                                               kernel_initializer=qkv_init())
         else:
             self._pixel_kv_conv_bn = Conv1DBN(self._key_depth + self._value_depth,
                                               "pixel_kv_conv_bn", bn_layer=bn_layer,
-                                              kernel_initializer=qkv_init)
+                                              kernel_initializer=qkv_init())
         self._memory_attention = MultiHeadAttention("memory_attention", activation, bn_layer)
         if self._use_p2m:
             self._pixel_attention = MultiHeadAttention("pixel_attention", activation, bn_layer)
