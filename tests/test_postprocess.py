@@ -16,11 +16,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from reference_data import REFERENCE_DIR
 
 from max_deeplab.inference import postprocess
 from max_deeplab.inference.postprocess import scaled_area_limit
 
-REFERENCE = "/work/shared/reference/deeplab2/tiny/io.npz"
+REFERENCE = os.path.join(REFERENCE_DIR, "tiny", "io.npz")
 NO_AREA = {"thing_area_limit": 0, "stuff_area_limit": 0, "area_limit_reference_size": None}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as tfk
+from reference_data import REFERENCE_DIR
 
 from max_deeplab.cli import import_checkpoint as cli
 from max_deeplab.cli.gin_flags import parse_gin_flags
@@ -36,7 +37,6 @@ from max_deeplab.model.reference_import import (
     write_model_checkpoint,
 )
 
-REFERENCE_DIR = "/work/shared/reference/deeplab2"
 TINY = os.path.join(REFERENCE_DIR, "tiny")
 SEMANTIC_KERNEL = "semantic_last_layer/kernel/.ATTRIBUTES/VARIABLE_VALUE"
 
