@@ -53,6 +53,17 @@ def resolve_checkpoint_path(path: str) -> str:
                             f"'checkpoint' file or a prefix with a '.index' file)")
 
 
+def shape_mismatch_lines(entries: list[str], header: str = "with a different shape",
+                         limit: int = 20) -> list[str]:
+    """'N variable(s) <header>:' followed by at most `limit` of the entries."""
+    if not entries:
+        return []
+    lines = [f"{len(entries)} variable(s) {header}:", *entries[:limit]]
+    if len(entries) > limit:
+        lines.append(f"  ... and {len(entries) - limit} more")
+    return lines
+
+
 def describe_mismatch(missing: dict[str, tuple], unused: dict[str, tuple],
                       limit: int = 20) -> str:
     """Lists unmatched names on both sides, each missing one with its closest shape match."""
@@ -103,9 +114,7 @@ def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
               and not k.endswith(".OPTIMIZER_SLOT") and "/.OPTIMIZER_SLOT/" not in k}
     if missing or mismatched or (unused and not allow_unused):
         message = [f"checkpoint {prefix} does not match the model:"]
-        if mismatched:
-            message.append(f"{len(mismatched)} variable(s) with a different shape:")
-            message.extend(mismatched[:20])
+        message.extend(shape_mismatch_lines(mismatched))
         message.append(describe_mismatch(missing, unused))
         raise ValueError("\n".join(m for m in message if m))
     for key, var in wanted.items():

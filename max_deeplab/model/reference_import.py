@@ -38,7 +38,12 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as tfk
 
-from max_deeplab.model.checkpoints import VARIABLE_SUFFIX, checkpoint_keys, describe_mismatch
+from max_deeplab.model.checkpoints import (
+    VARIABLE_SUFFIX,
+    checkpoint_keys,
+    describe_mismatch,
+    shape_mismatch_lines,
+)
 
 BOOKKEEPING_KEYS = (f"global_step{VARIABLE_SUFFIX}", f"save_counter{VARIABLE_SUFFIX}")
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -153,11 +158,7 @@ def plan_import(model_shapes: Mapping[str, Sequence[int]],
     if missing or unused or mismatched:
         lines = [f"{source} does not match the model: {len(model_shapes)} model variables, "
                  f"{len(weights)} reference weights"]
-        if mismatched:
-            lines.append(f"{len(mismatched)} variable(s) on both sides with another shape:")
-            lines.extend(mismatched[:20])
-            if len(mismatched) > 20:
-                lines.append(f"  ... and {len(mismatched) - 20} more")
+        lines.extend(shape_mismatch_lines(mismatched, "on both sides with another shape"))
         lines.append(describe_mismatch(missing, unused))
         lines.append("Is --gin_file the config the checkpoint was trained with "
                      "(e.g. max_deeplab_s_coco_641.gin for MaX-DeepLab-S)?")

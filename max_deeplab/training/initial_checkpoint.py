@@ -28,6 +28,7 @@ from max_deeplab.model.checkpoints import (
     checkpoint_keys,
     describe_mismatch,
     resolve_checkpoint_path,
+    shape_mismatch_lines,
 )
 
 # Where the encoder's variables sit in checkpoints we can read, most specific first:
@@ -116,11 +117,7 @@ def load_backbone_checkpoint(model: tf.Module, path: str,
         unused = {k: s for k, s in checkpoint_backbone.items() if k not in wanted}
         message = [f"checkpoint {prefix} does not match the model's backbone "
                    f"(encoder keys under {encoder_prefix!r}):"]
-        if wrong_shape:
-            message.append(f"{len(wrong_shape)} variable(s) with a different shape:")
-            message.extend(wrong_shape[:20])
-            if len(wrong_shape) > 20:
-                message.append(f"  ... and {len(wrong_shape) - 20} more")
+        message.extend(shape_mismatch_lines(wrong_shape))
         if missing or unused:
             message.append(describe_mismatch(missing, unused))
         raise ValueError("\n".join(message))
