@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
@@ -88,6 +90,42 @@ def describe_mismatch(missing: dict[str, tuple], unused: dict[str, tuple],
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyMatch:
+    """How a model's variables (by checkpoint key) line up with a checkpoint's entries."""
+    found: dict[str, tf.Variable]   # checkpoint key -> variable, same shape on both sides
+    missing: dict[str, tuple]       # model keys absent from the checkpoint -> model shape
+    wrong_shape: list[str]          # "  - key: model [..], checkpoint [..]" lines
+
+    def assign_from(self, reader: tf.train.CheckpointReader) -> None:
+        """Copies every found variable's value from the checkpoint."""
+        for key, variable in self.found.items():
+            variable.assign(reader.get_tensor(key))
+
+
+def match_keys(wanted: Mapping[str, tf.Variable], available: Mapping[str, Sequence[int]],
+               checkpoint_prefix: str = "") -> KeyMatch:
+    """Matches `wanted` (model key -> variable) against `available` (a checkpoint's
+    `get_variable_to_shape_map()`), the checkpoint's keys being `checkpoint_prefix + key`."""
+    found, missing, wrong_shape = {}, {}, []
+    for key, variable in wanted.items():
+        theirs = available.get(checkpoint_prefix + key)
+        if theirs is None:
+            missing[key] = tuple(variable.shape)
+        elif tuple(theirs) != tuple(variable.shape):
+            wrong_shape.append(f"  - {checkpoint_prefix + key}: model {list(variable.shape)}, "
+                               f"checkpoint {list(theirs)}")
+        else:
+            found[checkpoint_prefix + key] = variable
+    return KeyMatch(found, missing, wrong_shape)
+
+
+def is_weight_key(key: str) -> bool:
+    """A model weight's key: not an optimiser slot (`.../.OPTIMIZER_SLOT/...`) nor bookkeeping
+    (`save_counter`, `_CHECKPOINTABLE_OBJECT_GRAPH`)."""
+    return key.endswith(VARIABLE_SUFFIX) and "/.OPTIMIZER_SLOT/" not in key
+
+
 def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
             allow_unused: bool = True) -> str:
     """Loads every model weight from a checkpoint written by `train` or `import-checkpoint`.
@@ -101,22 +139,14 @@ def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
     reader = tf.train.load_checkpoint(prefix)
     available = reader.get_variable_to_shape_map()
     wanted = checkpoint_keys({root_name: model})
-    missing, mismatched = {}, []
-    for key, var in wanted.items():
-        if key not in available:
-            missing[key] = tuple(var.shape)
-        elif tuple(available[key]) != tuple(var.shape):
-            mismatched.append(f"  - {key}: model {list(var.shape)}, "
-                              f"checkpoint {list(available[key])}")
+    match = match_keys(wanted, available)
     model_prefix = root_name + "/"
     unused = {k: tuple(s) for k, s in available.items()
-              if k.startswith(model_prefix) and k not in wanted
-              and not k.endswith(".OPTIMIZER_SLOT") and "/.OPTIMIZER_SLOT/" not in k}
-    if missing or mismatched or (unused and not allow_unused):
+              if k.startswith(model_prefix) and k not in wanted and is_weight_key(k)}
+    if match.missing or match.wrong_shape or (unused and not allow_unused):
         message = [f"checkpoint {prefix} does not match the model:"]
-        message.extend(shape_mismatch_lines(mismatched))
-        message.append(describe_mismatch(missing, unused))
+        message.extend(shape_mismatch_lines(match.wrong_shape))
+        message.append(describe_mismatch(match.missing, unused))
         raise ValueError("\n".join(m for m in message if m))
-    for key, var in wanted.items():
-        var.assign(reader.get_tensor(key))
+    match.assign_from(reader)
     return prefix

@@ -71,7 +71,12 @@ def load_initial_checkpoint(model: tfk.Model, path: str) -> int:
     ImageNet-pretrained backbone. Raises ValueError if nothing matches, or a matched name
     has another shape. Returns the number of variables loaded.
     """
-    from max_deeplab.model.checkpoints import checkpoint_keys, resolve_checkpoint_path
+    from max_deeplab.model.checkpoints import (
+        checkpoint_keys,
+        match_keys,
+        resolve_checkpoint_path,
+        shape_mismatch_lines,
+    )
 
     prefix = resolve_checkpoint_path(path)
     reader = tf.train.load_checkpoint(prefix)
@@ -79,32 +84,25 @@ def load_initial_checkpoint(model: tfk.Model, path: str) -> int:
     roots: list[Mapping] = [{"model": model}]
     if hasattr(model, "checkpoint_items"):
         roots.append(model.checkpoint_items)
-    best: dict[str, tf.Variable] = {}
-    wanted_any: dict[str, tf.Variable] = {}
-    for root in roots:
-        wanted = checkpoint_keys(root)
-        wanted_any = wanted_any or wanted
-        matched = {k: v for k, v in wanted.items() if k in available}
-        if len(matched) > len(best):
-            best = matched
-    if not best:
+    # The key layout (ours or the reference's) under which most model variables are found.
+    wanted_any = checkpoint_keys(roots[0])
+    best = max((match_keys(checkpoint_keys(root), available) for root in roots),
+               key=lambda m: len(m.found) + len(m.wrong_shape))
+    if not best.found and not best.wrong_shape:
         ours = sorted(wanted_any)[:5]
         theirs = sorted(k for k in available if not k.startswith("_CHECKPOINTABLE"))[:5]
         raise ValueError(
             f"initial checkpoint {prefix} has no variable matching the model. Model keys "
             f"look like {ours}; the checkpoint's like {theirs}.")
-    wrong = [f"{k}: model {list(v.shape)}, checkpoint {list(available[k])}"
-             for k, v in best.items() if tuple(available[k]) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"initial checkpoint {prefix}: {len(wrong)} variable(s) with another "
-                         "shape:\n  " + "\n  ".join(wrong[:20]))
-    for key, variable in best.items():
-        variable.assign(reader.get_tensor(key))
+    if best.wrong_shape:
+        raise ValueError("\n".join([f"initial checkpoint {prefix}:",
+                                     *shape_mismatch_lines(best.wrong_shape)]))
+    best.assign_from(reader)
     total = len(model.variables)
     logging.info("initial checkpoint %s: loaded %d of %d model variables", prefix,
-                 len(best), total)
-    print(f"initial checkpoint {prefix}: loaded {len(best)} of {total} model variables")
-    return len(best)
+                 len(best.found), total)
+    print(f"initial checkpoint {prefix}: loaded {len(best.found)} of {total} model variables")
+    return len(best.found)
 
 
 @gin.configurable

@@ -24,9 +24,10 @@ import tensorflow as tf
 from absl import logging
 
 from max_deeplab.model.checkpoints import (
-    VARIABLE_SUFFIX,
     checkpoint_keys,
     describe_mismatch,
+    is_weight_key,
+    match_keys,
     resolve_checkpoint_path,
     shape_mismatch_lines,
 )
@@ -36,11 +37,6 @@ from max_deeplab.model.checkpoints import (
 ENCODER_PREFIXES = ("model/encoder/", "encoder/")
 
 _NOT_BACKBONE = re.compile(r"(^|/)_block\d+_transformer(/|$)")
-
-
-def _is_weight_key(key: str) -> bool:
-    # A model weight, not an optimiser slot (`.../.OPTIMIZER_SLOT/...`) nor bookkeeping.
-    return key.endswith(VARIABLE_SUFFIX) and "/.OPTIMIZER_SLOT/" not in key
 
 
 def is_backbone_key(encoder_relative_key: str) -> bool:
@@ -97,36 +93,29 @@ def load_backbone_checkpoint(model: tf.Module, path: str,
     # Pick the encoder prefix under which most backbone keys are found.
     encoder_prefix = max(ENCODER_PREFIXES,
                          key=lambda p: sum(p + k in available for k in wanted))
-    found = {k: v for k, v in wanted.items() if encoder_prefix + k in available}
+    match = match_keys(wanted, available, encoder_prefix)
     encoder_keys = {k[len(encoder_prefix):]: tuple(s) for k, s in available.items()
-                    if k.startswith(encoder_prefix) and _is_weight_key(k)}
+                    if k.startswith(encoder_prefix) and is_weight_key(k)}
     checkpoint_backbone = {k: s for k, s in encoder_keys.items() if is_backbone_key(k)}
-    if not found:
-        missing = {k: tuple(v.shape) for k, v in wanted.items()}
+    if len(match.missing) == len(wanted):
         raise ValueError(
             f"checkpoint {prefix} matches no backbone variable of the model (wrong "
             f"architecture, or not a MaX-DeepLab checkpoint; looked under "
             f"{', '.join(repr(p) for p in ENCODER_PREFIXES)}):\n"
-            + describe_mismatch(missing, checkpoint_backbone))
-    wrong_shape = [f"  - {k}: model {list(v.shape)}, checkpoint "
-                   f"{list(available[encoder_prefix + k])}"
-                   for k, v in found.items()
-                   if tuple(available[encoder_prefix + k]) != tuple(v.shape)]
-    missing = {k: tuple(v.shape) for k, v in wanted.items() if k not in found}
-    if wrong_shape or missing:
+            + describe_mismatch(match.missing, checkpoint_backbone))
+    if match.wrong_shape or match.missing:
         unused = {k: s for k, s in checkpoint_backbone.items() if k not in wanted}
         message = [f"checkpoint {prefix} does not match the model's backbone "
                    f"(encoder keys under {encoder_prefix!r}):"]
-        message.extend(shape_mismatch_lines(wrong_shape))
-        if missing or unused:
-            message.append(describe_mismatch(missing, unused))
+        message.extend(shape_mismatch_lines(match.wrong_shape))
+        if match.missing or unused:
+            message.append(describe_mismatch(match.missing, unused))
         raise ValueError("\n".join(message))
 
-    for key, variable in found.items():
-        variable.assign(reader.get_tensor(encoder_prefix + key))
+    match.assign_from(reader)
     ignored = len(encoder_keys) - len(checkpoint_backbone)
     report = BackboneLoadReport(checkpoint=prefix, encoder_prefix=encoder_prefix,
-                                loaded=len(found), model_variables=len(model.variables),
+                                loaded=len(match.found), model_variables=len(model.variables),
                                 ignored_checkpoint_variables=ignored)
     logging.info("%s", report)
     if print_fn is not None:

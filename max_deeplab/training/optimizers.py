@@ -88,6 +88,11 @@ class RAdam(tfk.optimizers.Optimizer):
       rectify: False turns the rectification off (r_t = 1, always adaptive): plain Adam
         with bias correction. RAdam's rectifier damps the first ~1/(1 - beta_2) steps, which
         suits the paper's 100k-step runs but stalls runs of a few thousand steps.
+      serialize_updates: inside a graph, update one variable after another (control
+        dependencies), so that only one variable's temporaries (~10 tensors of its size)
+        are alive at a time instead of every variable's at once: at MaX-DeepLab-S this
+        lowers the training step's peak memory by about a gigabyte for a few milliseconds.
+        The result is identical either way.
       name: optimiser name.
     """
 
@@ -97,7 +102,7 @@ class RAdam(tfk.optimizers.Optimizer):
                  weight_decay_mode: str = "l2",
                  weight_decay_regex: str = KERNEL_VARIABLE_REGEX,
                  lr_multipliers: Sequence[tuple[str, float]] = (), rectify: bool = True,
-                 name: str = "RAdam"):
+                 serialize_updates: bool = True, name: str = "RAdam"):
         if not 0.0 <= beta_1 < 1.0 or not 0.0 < beta_2 < 1.0:
             raise ValueError(f"RAdam needs 0 <= beta_1 < 1 and 0 < beta_2 < 1, got "
                              f"beta_1={beta_1}, beta_2={beta_2}")
@@ -115,6 +120,8 @@ class RAdam(tfk.optimizers.Optimizer):
         self.epsilon = float(epsilon)
         self.rectification_threshold = float(rectification_threshold)
         self.rectify = bool(rectify)
+        self.serialize_updates = bool(serialize_updates)
+        self._last_update: tf.Operation | None = None
         self.decay = float(weight_decay)
         self.weight_decay_mode = weight_decay_mode
         self.weight_decay_regex = weight_decay_regex
@@ -146,8 +153,21 @@ class RAdam(tfk.optimizers.Optimizer):
         self._multipliers = [self.multiplier_of(v) for v in var_list]
         self._decay_flags = [self.decays(v) for v in var_list]
 
+    def apply_gradients(self, grads_and_vars, name: str | None = None,
+                        skip_gradients_aggregation: bool = False, **kwargs):
+        self._last_update = None  # a new chain of serialised updates per call (and graph)
+        return super().apply_gradients(
+            grads_and_vars, name=name, skip_gradients_aggregation=skip_gradients_aggregation,
+            **kwargs)
+
     def update_step(self, gradient: tf.Tensor, variable: tf.Variable) -> None:
         """One RAdam step on `variable` (Liu et al. 2019, Alg. 2); see the module docstring."""
+        previous = ([self._last_update] if self.serialize_updates
+                    and self._last_update is not None and not tf.executing_eagerly() else [])
+        with tf.control_dependencies(previous):
+            self._last_update = self._update_step_ops(gradient, variable)
+
+    def _update_step_ops(self, gradient: tf.Tensor, variable: tf.Variable) -> tf.Operation:
         dtype = variable.dtype
         index = self._index_dict[self._var_key(variable)]
         m, v = self._m[index], self._v[index]
@@ -185,7 +205,7 @@ class RAdam(tfk.optimizers.Optimizer):
             step = m_hat / (v_hat + self.epsilon)
         else:
             step = tf.where(use_adaptive, r_t * m_hat / (v_hat + self.epsilon), m_hat)
-        variable.assign_sub(lr * step)
+        return variable.assign_sub(lr * step, read_value=False)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -196,6 +216,7 @@ class RAdam(tfk.optimizers.Optimizer):
             "weight_decay": self.decay, "weight_decay_mode": self.weight_decay_mode,
             "weight_decay_regex": self.weight_decay_regex,
             "lr_multipliers": self.lr_multipliers,
+            "serialize_updates": self.serialize_updates,
         })
         for key in ("clipnorm", "global_clipnorm", "clipvalue", "use_ema", "ema_momentum",
                     "ema_overwrite_frequency", "jit_compile", "is_legacy_optimizer"):
@@ -270,10 +291,19 @@ class Lookahead(tfk.optimizers.Optimizer):
         sync = tf.equal((self.iterations + 1) % self.sync_period, 0)
         alpha = self.slow_step_size
 
+        # Serialised like the inner optimiser's updates (one variable's temporaries at a
+        # time), starting after its last update.
+        chain = [getattr(self._optimizer, "_last_update", None)]
+
         def sync_fn(fast: tf.Variable, slow: tf.Variable) -> None:
-            new_slow = slow + alpha * (fast - slow)
-            slow.assign(tf.where(sync, new_slow, slow))
-            fast.assign(tf.where(sync, new_slow, fast))
+            previous = ([chain[0]] if chain[0] is not None and not tf.executing_eagerly()
+                        else [])
+            with tf.control_dependencies(previous):
+                new_slow = slow + alpha * (fast - slow)
+                slow_update = slow.assign(tf.where(sync, new_slow, slow), read_value=False)
+                fast_update = fast.assign(tf.where(sync, new_slow, fast), read_value=False)
+            if getattr(self._optimizer, "serialize_updates", False):
+                chain[0] = tf.group(slow_update, fast_update)
 
         for variable in variables:
             slow = self._slow[self._index_dict[self._var_key(variable)]]
