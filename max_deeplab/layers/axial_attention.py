@@ -16,6 +16,11 @@ skew of Transformer-XL / Music Transformer; the key term is the same with the ro
 and key swapped (and the offsets reversed), and the value term multiplies the "unskewed"
 (zero-padded) weights [L, 2L-1] by the table. Out of training the batch norms of the terms
 are folded into per-head scales and one shift (the same affine maps, applied before the sum).
+
+Mixed precision (e.g. tf_keras' mixed_bfloat16 policy): the weights are float32 and read
+without autocasting; `call` casts them to the layer's compute dtype explicitly (folded batch
+norms are folded in float32 and rounded once). The softmax runs in float32: it normalises over
+a whole axis, where a 16-bit sum loses the small weights.
 """
 from __future__ import annotations
 
@@ -97,7 +102,8 @@ def _uses_moving_statistics(training) -> bool:
 
 
 def _folded_batch_norm(bn: tfk.layers.Layer) -> tuple[tf.Tensor, tf.Tensor]:
-    """(scale, shift) such that inference-mode BN(x) = x * scale + shift (Keras' formula)."""
+    """(scale, shift) such that inference-mode BN(x) = x * scale + shift (Keras' formula), in
+    the batch norm's parameter dtype (float32 also under a mixed-precision policy)."""
     scale = tf.math.rsqrt(bn.moving_variance + bn.epsilon)
     if bn.gamma is not None:
         scale = scale * bn.gamma
@@ -107,8 +113,17 @@ def _folded_batch_norm(bn: tfk.layers.Layer) -> tuple[tf.Tensor, tf.Tensor]:
     return scale, shift
 
 
+def softmax_in_float32(logits: tf.Tensor, axis: int = -1) -> tf.Tensor:
+    """Softmax computed in float32 and returned in the logits' dtype (an identity round trip
+    for float32 logits), as mixed-precision attention does it."""
+    return tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32), axis=axis), logits.dtype)
+
+
 class RelativePositionalEncoding(tfk.layers.Layer):
-    """A learned table of relative position embeddings, gathered into [L, L, depth]."""
+    """A learned table of relative position embeddings, gathered into [L, L, depth].
+
+    The table is read in its own (float32) dtype; the attention casts it to its compute dtype.
+    """
 
     def __init__(self, depth: int, name: str, initialization_std: float = 1.0):
         super().__init__(name=name)
@@ -119,7 +134,7 @@ class RelativePositionalEncoding(tfk.layers.Layer):
         self._embeddings = self.add_weight(
             name="embeddings", shape=(2 * MAX_SPAN - 1, self._depth),
             initializer=tfk.initializers.TruncatedNormal(stddev=self._initialization_std),
-            trainable=True)
+            trainable=True, experimental_autocast=False)
         super().build(input_shape)
 
     def table(self, length: int) -> tf.Tensor:
@@ -198,7 +213,8 @@ class AxialAttention(tfk.layers.Layer):
         self.qkv_kernel = self.add_weight(
             name="qkv_kernel",
             shape=[channels, 2 * self._total_key_depth + self._total_value_depth],
-            initializer=tfk.initializers.TruncatedNormal(stddev=channels ** -0.5))
+            initializer=tfk.initializers.TruncatedNormal(stddev=channels ** -0.5),
+            experimental_autocast=False)
         for rpe in ("_query_rpe", "_key_rpe", "_value_rpe"):
             if hasattr(self, rpe):
                 getattr(self, rpe).build(None)
@@ -224,17 +240,20 @@ class AxialAttention(tfk.layers.Layer):
         key_depth = self._total_key_depth // heads
         value_depth = self._total_value_depth // heads
         fold = _uses_moving_statistics(training)
+        dtype = self.compute_dtype
         splits = [self._total_key_depth, self._total_key_depth, self._total_value_depth]
         # The projection as 2-D matmuls (oneDNN runs them faster than the einsum).
         x = tf.reshape(x, [-1, channels])
         if fold:
             # Inference BN folded into the kernel: q, k, v = x (W * scale) + shift.
+            # Folded in float32, then rounded once to the compute dtype.
             scale, shift = _folded_batch_norm(self._batch_norm_qkv)
-            kernels = tf.split(self.qkv_kernel * scale, splits, axis=-1)
-            q, k, v = (tf.matmul(x, kernel) + bias
-                       for kernel, bias in zip(kernels, tf.split(shift, splits)))
+            kernels = tf.split(tf.cast(self.qkv_kernel * scale, dtype), splits, axis=-1)
+            q, k, v = (tf.matmul(x, kernel) + bias for kernel, bias in
+                       zip(kernels, tf.split(tf.cast(shift, dtype), splits)))
         else:
-            qkv = tf.reshape(tf.matmul(x, self.qkv_kernel), [-1, length, sum(splits)])
+            qkv = tf.reshape(tf.matmul(x, tf.cast(self.qkv_kernel, dtype)),
+                             [-1, length, sum(splits)])
             q, k, v = tf.split(self._batch_norm_qkv(qkv, training=training), splits, axis=-1)
         q = tf.transpose(tf.reshape(q, [-1, length, heads, key_depth]), [0, 2, 1, 3])
         k = tf.transpose(tf.reshape(k, [-1, length, heads, key_depth]), [0, 2, 1, 3])
@@ -244,7 +263,7 @@ class AxialAttention(tfk.layers.Layer):
         if fold:
             scale, shift = _folded_batch_norm(self._batch_norm_similarity)
             # [terms, 1, heads, 1, 1] -> per term [heads, 1, 1], applied to q or k (linear).
-            term_scales = tf.unstack(scale[:, 0], axis=0)
+            term_scales = tf.unstack(tf.cast(scale[:, 0], dtype), axis=0)
         terms = []
         if self._use_content:
             query = q * term_scales[len(terms)] if fold else q
@@ -252,35 +271,38 @@ class AxialAttention(tfk.layers.Layer):
         if self._use_query_rpe:
             query = q * term_scales[len(terms)] if fold else q
             terms.append(skew_relative_logits(
-                _times_table(query, self._query_rpe.offsets(length), transpose_table=True)))
+                _times_table(query, tf.cast(self._query_rpe.offsets(length), dtype),
+                             transpose_table=True)))
         if self._use_key_rpe:
             key = k * term_scales[len(terms)] if fold else k
             # k_p·r_{p-o}: index the key's row by o - p + L - 1 (reversed offsets), skew to
             # [p, o], then swap the last two axes.
-            reversed_offsets = tf.reverse(self._key_rpe.offsets(length), axis=[0])
+            reversed_offsets = tf.reverse(tf.cast(self._key_rpe.offsets(length), dtype), axis=[0])
             terms.append(tf.transpose(skew_relative_logits(
                 _times_table(key, reversed_offsets, transpose_table=True)), [0, 1, 3, 2]))
         if fold:
-            logits = tf.add_n(terms) + tf.reduce_sum(shift, axis=0)
+            logits = tf.add_n(terms) + tf.cast(tf.reduce_sum(shift, axis=0), dtype)
         else:
             logits = tf.reduce_sum(
                 self._batch_norm_similarity(tf.stack(terms), training=training), axis=0)
-        weights = tf.nn.softmax(logits, axis=-1)
+        weights = softmax_in_float32(logits, axis=-1)
 
         # Retrieved terms, each [b, heads, L, value_depth].
         if fold:
             scale, shift = _folded_batch_norm(self._batch_norm_retrieved_output)
-            term_scales = tf.unstack(scale[:, 0], axis=0)  # per term [heads, 1, value_depth]
+            # Per term [heads, 1, value_depth].
+            term_scales = tf.unstack(tf.cast(scale[:, 0], dtype), axis=0)
         retrieved = []
         if self._retrieve_content:
             value = v * term_scales[len(retrieved)] if fold else v
             retrieved.append(tf.matmul(weights, value))
         if self._retrieve_rpe:
-            out = _times_table(unskew_relative_weights(weights), self._value_rpe.offsets(length),
+            out = _times_table(unskew_relative_weights(weights),
+                               tf.cast(self._value_rpe.offsets(length), dtype),
                                transpose_table=False)
             retrieved.append(out * term_scales[len(retrieved)] if fold else out)
         if fold:
-            out = tf.add_n(retrieved) + tf.reduce_sum(shift, axis=0)
+            out = tf.add_n(retrieved) + tf.cast(tf.reduce_sum(shift, axis=0), dtype)
         else:
             out = tf.reduce_sum(self._batch_norm_retrieved_output(tf.stack(retrieved),
                                                                   training=training), axis=0)

@@ -8,10 +8,14 @@ import tensorflow as tf
 
 
 def drop_path_mask(x: tf.Tensor, keep_prob: float) -> tf.Tensor:
-    """A [batch, 1, ..., 1] mask of 0 or 1/keep_prob, so the expected branch is unchanged."""
+    """A [batch, 1, ..., 1] mask of 0 or 1/keep_prob, so the expected branch is unchanged.
+
+    Drawn in float32 and cast to x's dtype: in bfloat16, keep_prob + u would round (0.8 is
+    0.80078125 there, and sums near 1 land on a coarse grid), biasing the keep rate.
+    """
     shape = [tf.shape(x)[0]] + [1] * (x.shape.rank - 1)
-    keep = tf.floor(keep_prob + tf.random.uniform(shape, dtype=x.dtype))
-    return keep / keep_prob
+    keep = tf.floor(keep_prob + tf.random.uniform(shape, dtype=tf.float32))
+    return tf.cast(keep / keep_prob, x.dtype)
 
 
 def constant_or_linear_keep_prob(keep_prob: float, schedule: str, stage: int,

@@ -7,6 +7,9 @@ memory path of N slots talk through three attentions:
 - P2M: each pixel query attends over the memory keys (pixel feedback);
 - a memory feed-forward network.
 P2M and M2M can be switched off for the paper's ablations (Table 5); M2P always stays on.
+
+Under a mixed-precision policy the projections run in the compute dtype (batch norms compute
+their statistics in float32, as Keras does) and the attention softmax runs in float32.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import gin
 import tensorflow as tf
 import tf_keras as tfk
 
+from max_deeplab.layers.axial_attention import softmax_in_float32
 from max_deeplab.layers.convolutions import BatchNormFactory, Conv1DBN, get_activation
 from max_deeplab.layers.drop_path import drop_path_mask
 
@@ -42,10 +46,11 @@ class MultiHeadAttention(tfk.layers.Layer):
 
     def attention_weights(self, query: tf.Tensor, key: tf.Tensor,
                           training: bool | None = None) -> tf.Tensor:
-        """softmax over keys of the normalised similarities, [b, heads, Lq, Lk]."""
+        """softmax over keys of the normalised similarities, [b, heads, Lq, Lk] (in the
+        similarities' dtype; the softmax itself is computed in float32)."""
         logits = tf.einsum("bhld,bhmd->bhlm", query, key)
         logits = self._batch_norm_similarity(logits, training=training)
-        return tf.nn.softmax(logits, axis=-1)
+        return softmax_in_float32(logits, axis=-1)
 
     def call(self, inputs, training: bool | None = None, return_weights: bool = False):
         query, key, value = inputs

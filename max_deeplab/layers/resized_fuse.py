@@ -13,10 +13,16 @@ from max_deeplab.layers.convolutions import BatchNormFactory, ConvBN, get_activa
 
 
 def resize_align_corners(x: tf.Tensor, size) -> tf.Tensor:
-    """Bilinear resize with aligned corners (the 4k+1 feature grids stay registered)."""
+    """Bilinear resize with aligned corners (the 4k+1 feature grids stay registered).
+
+    Returns x's dtype: the resize op itself always yields float32, so a 16-bit input
+    (mixed precision) is resized in float32 and cast back.
+    """
     if x.shape[1] == size[0] and x.shape[2] == size[1]:
         return x
-    return tf.compat.v1.image.resize_bilinear(x, size, align_corners=True)
+    resized = tf.compat.v1.image.resize_bilinear(tf.cast(x, tf.float32), size,
+                                                 align_corners=True)
+    return tf.cast(resized, x.dtype)
 
 
 class ResizedFuse(tfk.layers.Layer):

@@ -67,8 +67,10 @@ class ASPP(tfk.layers.Layer):
         branches = [self._conv_bn_act(x, training=training)]
         for i in range(3):
             branches.append(getattr(self, f"_aspp_conv{i + 1}")(x, training=training))
-        # Global image pooling (equal to the reference's crop-sized pooling at the crop size).
-        pooled = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        # Global image pooling (equal to the reference's crop-sized pooling at the crop size),
+        # averaged in float32 (a 16-bit sum over the whole image would lose precision).
+        pooled = tf.cast(tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2], keepdims=True),
+                         x.dtype)
         pooled = self._aspp_pool(pooled, training=training)
         branches.append(tf.broadcast_to(pooled, tf.concat(
             [tf.shape(x)[:3], tf.shape(pooled)[3:]], axis=0)))

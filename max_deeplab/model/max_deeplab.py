@@ -5,6 +5,13 @@ Outputs (stride-4 maps are not upsampled, see DESIGN.md §3):
 - `class_logits [B, N, C+1]`: last index is the void class ∅;
 - `pixel_feature [B, H/4, W/4, D]`: the L2-normalised decoder feature g;
 - `semantic_logits [B, H/4, W/4, C]`: the auxiliary semantic head.
+
+Mixed precision (tf_keras' mixed_bfloat16 policy, `max-deeplab train --mixed_precision
+bfloat16`): weights stay float32 and the encoder and heads compute in bfloat16, but every
+output is float32, so the losses, the matching and the softmaxes over slots and classes run
+in float32. The mask-logit head (the L2 normalisation of g, f · g and its batch norm) is
+float32 throughout: f · g sums D products and, with gamma 0.1, small logit differences decide
+the masks. Under the float32 policy every cast here is an identity.
 """
 from __future__ import annotations
 
@@ -52,7 +59,9 @@ class MaXDeepLab(tfk.Model):
                  pixel_head_channels: int = 256, semantic_head_channels: int = 256,
                  void_prior_prob: float = 0.9, use_semantic_head: bool = True,
                  encoder: tfk.layers.Layer | None = None, name: str = "max_deeplab"):
-        super().__init__(name=name)
+        # autocast=False: images reach `call` as given and are normalised in float32 before the
+        # encoder (a mixed-precision layer) casts them to its compute dtype.
+        super().__init__(name=name, autocast=False)
         bn = batch_norm_layer()
         self.num_classes = num_classes
         self.encoder = encoder if encoder is not None else MaXDeepLabEncoder(bn_layer=bn)
@@ -62,11 +71,13 @@ class MaXDeepLab(tfk.Model):
         self.transformer_class_head = Conv1DBN(
             num_classes + 1, "transformer_class_head", use_bias=True, use_bn=False,
             kernel_initializer=tfk.initializers.TruncatedNormal(stddev=0.01))
-        self.pixel_space_feature_batch_norm = bn(axis=-1, name="pixel_space_feature_batch_norm")
+        # The mask-logit head's batch norms compute (and output) float32 under any policy.
+        self.pixel_space_feature_batch_norm = bn(axis=-1, name="pixel_space_feature_batch_norm",
+                                                 dtype="float32")
         # A low initial temperature on the mask logits (gamma 0.1), shared by all slots.
         self.pixel_space_mask_batch_norm = bn(
             axis=-1, name="pixel_space_mask_batch_norm",
-            gamma_initializer=tfk.initializers.Constant(0.1))
+            gamma_initializer=tfk.initializers.Constant(0.1), dtype="float32")
         self._void_logit_offset = math.log(num_classes * void_prior_prob / (1 - void_prior_prob))
         self.use_semantic_head = use_semantic_head
         self.semantic_decoder = None
@@ -114,23 +125,24 @@ class MaXDeepLab(tfk.Model):
                     != endpoints["feature_panoptic"].shape[1:3]):
                 semantic_feature = self.semantic_decoder(semantic_feature, endpoints,
                                                          training=training)
-            outputs["semantic_logits"] = self.semantic_head(semantic_feature, training=training)
+            outputs["semantic_logits"] = tf.cast(
+                self.semantic_head(semantic_feature, training=training), tf.float32)
 
         # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 9).
         pixel_feature = self.pixel_space_head(endpoints["feature_panoptic"], training=training)
         pixel_feature = self.pixel_space_feature_batch_norm(pixel_feature, training=training)
-        pixel_feature = tf.math.l2_normalize(pixel_feature, axis=-1)
+        pixel_feature = tf.math.l2_normalize(tf.cast(pixel_feature, tf.float32), axis=-1)
         outputs["pixel_feature"] = pixel_feature
 
-        class_logits = self.transformer_class_head(endpoints["transformer_class_feature"],
-                                                   training=training)
+        class_logits = tf.cast(self.transformer_class_head(
+            endpoints["transformer_class_feature"], training=training), tf.float32)
         void_offset = tf.one_hot(self.num_classes, self.num_classes + 1,
-                                 on_value=self._void_logit_offset, dtype=class_logits.dtype)
+                                 on_value=self._void_logit_offset, dtype=tf.float32)
         outputs["class_logits"] = class_logits + void_offset
 
         # f: per-slot mask embedding; m̂ logits = BN(f · g), one BN shared by all slots.
-        mask_kernel = self.transformer_mask_head(endpoints["transformer_mask_feature"],
-                                                 training=training)
+        mask_kernel = tf.cast(self.transformer_mask_head(endpoints["transformer_mask_feature"],
+                                                         training=training), tf.float32)
         mask_logits = tf.einsum("bhwd,bnd->bhwn", pixel_feature, mask_kernel)
         mask_logits = self.pixel_space_mask_batch_norm(mask_logits[..., None], training=training)
         outputs["mask_logits"] = mask_logits[..., 0]
