@@ -18,6 +18,7 @@ setup(
         "scipy",
         "numpy",
         "pillow",
+        "pyspng>=0.1.4",
         "pycocotools",
     ],
     extras_require={

@@ -325,3 +325,140 @@ def test_rgba_pngs_read_like_the_reference_and_gray_pngs_rejected(crafted, capsy
     Image.open(path).convert("L").save(path)
     code, err = _run_cli(crafted, capsys)
     assert code == 1 and "000002.png" in err and "expected an RGB panoptic PNG" in err
+
+
+# ------------------------------------------------------------------------- PNG decoding
+
+# Adam7 passes as (x0, y0, dx, dy), from the PNG specification.
+_ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2)]
+
+
+def _png_bytes(samples: np.ndarray, color_type: int, interlaced: bool = False) -> bytes:
+    """A PNG written by hand (filter 0): any bit depth / colour type / interlace Pillow
+    cannot write, so the decoder is checked on them too."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+
+    h, w = samples.shape[:2]
+    depth = 16 if samples.dtype == np.uint16 else 8
+    big = samples.astype(">u2" if depth == 16 else np.uint8)
+    images = [big[y0::dy, x0::dx] for x0, y0, dx, dy in _ADAM7] if interlaced else [big]
+    raw = b"".join(b"\x00" + row.tobytes() for img in images if img.size for row in img)
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, int(interlaced))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth,channels,interlaced", [
+    (8, 3, False), (8, 4, False), (16, 3, False), (16, 4, False), (8, 3, True), (16, 4, True)])
+def test_png_variants_decode_to_the_ids_pillow_reads(tmp_path, depth, channels, interlaced):
+    from max_deeplab.evaluation.coco_panoptic import read_png_rgb
+
+    rng = np.random.default_rng(depth + channels + interlaced)
+    h, w = 13, 11  # odd sizes: partial Adam7 blocks, a last pixel at an odd byte offset
+    top = 256 if depth == 8 else 65536
+    samples = rng.integers(0, top, (h, w, channels)).astype(np.uint8 if depth == 8 else np.uint16)
+    path = tmp_path / "x.png"
+    path.write_bytes(_png_bytes(samples, 2 if channels == 3 else 6, interlaced))
+    high = samples[..., :3].astype(np.int64) >> (depth - 8)  # Pillow keeps the high byte
+    expected = high[..., 0] + 256 * high[..., 1] + 65536 * high[..., 2]
+    rgb = read_png_rgb(str(path))
+    assert rgb.shape == (h, w, 3) and rgb.dtype == np.uint8
+    ids = rgb.astype(np.int64)
+    np.testing.assert_array_equal(ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2], expected)
+    np.testing.assert_array_equal(expected, _png_ids(str(path)))  # what the reference reads
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 3), (2, 3), (7, 5), (16, 16)])
+def test_pair_runs_match_a_direct_computation(shape):
+    from max_deeplab.evaluation.coco_panoptic import pair_runs
+
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    # Few distinct ids, some differing in one byte only (R, G or B), so runs form and every
+    # byte position can be the only one that changes.
+    palette = np.array([0, 1, 256, 65536, 0xFFFFFF, 0x010203, 0x010204, 0x020203], np.int64)
+    ids = [palette[rng.integers(0, len(palette), shape)] for _ in range(2)]
+    for m in ids:  # make some horizontal runs
+        m[:, 1::2] = m[:, ::2][:, : m[:, 1::2].shape[1]]
+    rgbs = [np.stack([m % 256, m // 256 % 256, m // 65536], -1).astype(np.uint8) for m in ids]
+    starts, lengths, gt_run, pred_run = pair_runs(*rgbs)
+    g, p = ids[0].reshape(-1), ids[1].reshape(-1)
+    want = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (p[1:] != p[:-1])])
+    np.testing.assert_array_equal(starts, want)
+    np.testing.assert_array_equal(lengths, np.diff(np.r_[want, g.size]))
+    np.testing.assert_array_equal(gt_run, g[want])
+    np.testing.assert_array_equal(pred_run, p[want])
+
+
+def test_error_corrupt_truncated_and_palette_pngs(crafted, capsys):
+    path = os.path.join(crafted["pred_dir"], "000001.png")
+    good = open(path, "rb").read()
+    idat = good.index(b"IDAT")
+    for bad, message in ((good[:idat + 8] + bytes([good[idat + 8] ^ 1]) + good[idat + 9:],
+                          "CRC mismatch in chunk 'IDAT'"),
+                         (good[:idat + 20], "truncated"),
+                         (b"GIF89a" + good[6:], "not a PNG file")):
+        with open(path, "wb") as f:
+            f.write(bad)
+        code, err = _run_cli(crafted, capsys)
+        assert code == 1 and "000001.png" in err and message in err, err
+    with open(path, "wb") as f:
+        f.write(good)
+    Image.open(path).convert("P").save(path)
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "000001.png" in err and "palette" in err
+    assert "expected an RGB panoptic PNG" in err
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def _many_pairs(root, n: int = 12, seed: int = 3) -> dict:
+    rng = np.random.default_rng(seed)
+    cats = default_categories(4, 3)
+    pairs = []
+    for _ in range(n):
+        gt = random_ground_truth(rng, 30, 40, cats, num_things=(2, 6))
+        pairs.append((gt, random_prediction(rng, gt, cats)))
+    return write_coco_pair_set(str(root), pairs, cats, seed=seed)
+
+
+def test_workers_report_the_first_bad_image_in_input_order(tmp_path):
+    paths = _many_pairs(tmp_path)
+    expected = pq_compute(**paths, num_workers=1)
+    assert_same(pq_compute(**paths, num_workers=3), expected, tol=1e-12)
+    # Two bad images: whichever process meets which first, the message names the earlier one,
+    # as a single-process run does.
+    for k in (3, 9):
+        p = os.path.join(paths["pred_dir"], f"{k:06d}.png")
+        ids = _png_ids(p)
+        ids[0, 0] = 424242 + k
+        _write_ids(p, ids)
+    for workers in (1, 2, 3):
+        with pytest.raises(PanopticEvalError, match="000003.png.*424245"):
+            pq_compute(**paths, num_workers=workers)
+
+
+def test_a_crashing_worker_is_reported_not_ignored(tmp_path, monkeypatch):
+    import time
+
+    from max_deeplab.evaluation import coco_panoptic
+
+    paths = _many_pairs(tmp_path)
+    parent = os.getpid()
+    real = coco_panoptic.evaluate_image
+
+    def flaky(job, stats):
+        if os.getpid() != parent:  # only in the forked child
+            raise ValueError("simulated bug in a worker")
+        time.sleep(0.02)  # leave the child some images to take
+        real(job, stats)
+
+    monkeypatch.setattr(coco_panoptic, "evaluate_image", flaky)
+    with pytest.raises(RuntimeError, match="simulated bug in a worker"):
+        pq_compute(**paths, num_workers=2)

@@ -11,6 +11,7 @@ No TensorFlow is imported by this verb.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,57 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _import_numpy_without_blas_threads() -> None:
+    """Imports numpy with its OpenBLAS limited to one thread, if numpy is not loaded yet.
+
+    OpenBLAS starts a thread per core, with their buffers, when numpy is first imported; this
+    verb does no linear algebra, and skipping that saves ~30 ms of its start-up. The variable
+    is read only when the library loads, so it is restored right after (nothing else in the
+    process or its subprocesses sees it); an explicit user setting is left alone.
+    """
+    if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
+# glibc mallopt parameters and their defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD = -1, -3, 128 << 10
+
+
+@contextlib.contextmanager
+def _freed_memory_kept():
+    """While active, glibc keeps freed memory for reuse instead of handing it to the kernel.
+
+    Every image pair allocates and frees a few MB (decoded maps, numpy temporaries). With
+    glibc's defaults blocks that large are mmap-ed or trimmed on free, so each image touches
+    fresh pages again: ~90k page faults for 120 COCO-sized pairs, a quarter of the run time.
+    Serving blocks < 32 MiB from the heap and keeping up to 256 MiB of it free cuts that to
+    ~7k. The settings are process-wide, so they are put back to glibc's defaults on exit (for
+    callers of `main` in a longer-lived process); a no-op off glibc.
+    """
+    mallopt = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):  # not glibc
+            mallopt = None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+
+
 def main(argv: list[str]) -> int:
     if parse_flags(argv, __doc__) is None:
         return 0
@@ -53,6 +105,7 @@ def main(argv: list[str]) -> int:
         print(f"{argv[0]}: missing required flag(s): "
               + ", ".join(f"--{n}" for n in missing), file=sys.stderr)
         return 2
+    _import_numpy_without_blas_threads()
     from max_deeplab.evaluation.coco_panoptic import (
         PanopticEvalError,
         build_jobs,
@@ -62,9 +115,10 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     try:
-        jobs, category_ids, is_thing, names = build_jobs(
-            FLAGS.gt_json, FLAGS.gt_dir, FLAGS.pred_json, FLAGS.pred_dir)
-        result = compute_stats(jobs, category_ids, is_thing, FLAGS.num_workers).summarize()
+        with _freed_memory_kept():
+            jobs, category_ids, is_thing, names = build_jobs(
+                FLAGS.gt_json, FLAGS.gt_dir, FLAGS.pred_json, FLAGS.pred_dir)
+            result = compute_stats(jobs, category_ids, is_thing, FLAGS.num_workers).summarize()
     except PanopticEvalError as e:
         print(f"{argv[0]}: error: {e}", file=sys.stderr)
         return 1

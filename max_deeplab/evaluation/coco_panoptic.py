@@ -6,12 +6,15 @@ Inputs are the COCO panoptic format: a JSON with `annotations` (one per image: `
 (0 = void). The numbers equal the COCO reference evaluator's (panopticapi `pq_compute`,
 see `pq_core` for the rules), but the per-image work is vectorised:
 
-- each PNG is decoded once with Pillow, straight into int32 colour ids (no per-pixel math);
-- the maps are cut into runs of equal (GT id, prediction id) pairs in raster order, the run
-  ids are mapped to segment indices by binary search over the JSON ids, and the
+- each PNG is decoded once by libspng (pyspng, 3-4x faster than Pillow on COCO-like PNGs)
+  into R, G, B bytes;
+- the two maps are cut into runs of equal (GT id, prediction id) pairs in raster order with
+  byte-wise compares (`pair_runs`), ids are assembled only at run starts, mapped to segment
+  indices by binary search over the JSON ids, and the
   GT x prediction overlap table is one run-length-weighted `np.bincount` of
   `gt_index * (Kp + 2) + pred_index`;
-- images are spread over worker processes (fork), each returning per-category sums.
+- images are shared out to forked processes through a queue, each returning per-category
+  sums (see `compute_stats`).
 
 Bad input raises `PanopticEvalError` with a message naming the file, image and segment,
 instead of producing a number: PNG segments missing from the JSON or the reverse, unknown
@@ -22,14 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import pickle
+import traceback
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 # Imported here, before any worker is forked, so the workers do not each pay for it.
-from PIL import Image
+import pyspng
 
 from max_deeplab.evaluation.pq_core import PQStats
 
@@ -177,42 +182,126 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
     return jobs, category_ids, is_thing, names
 
 
-def read_id_png(path: str) -> np.ndarray:
-    """Decodes a COCO panoptic PNG to int [H, W] pixel values (one value per colour id).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour types (IHDR byte 9) that carry R, G, B samples: truecolour (+ alpha). The
+# others have no RGB id.
+_RGB_COLOR_TYPES = (2, 6)
+_OTHER_COLOR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale + alpha"}
 
-    RGB PNGs (the format) come back as int32 ``id - 2^24`` where id = R + 256 G + 256^2 B:
-    Pillow keeps RGB pixels as 4 bytes R, G, B, 255, which read as one little-endian int32
-    is exactly that, so no per-pixel arithmetic is needed; equal ids give equal values and
-    `& 0xFFFFFF` recovers the id (also a no-op on the true ids of other modes). PNGs with extra
-    channels (RGBA) are read from their first three, as the reference evaluator does;
-    single-channel PNGs are rejected (the reference cannot read them either).
+
+def _check_png_chunks(data: bytes, path: str) -> None:
+    """Checks the chunk structure and the CRC-32 of every chunk (up to IEND).
+
+    pyspng runs libspng with CRC checks off, so this is where a corrupted file is caught
+    (as Pillow, the reference's reader, would); the chunks hold compressed data, so this costs
+    microseconds.
+    """
+    view = memoryview(data)
+    pos, n = 8, len(data)
+    while pos < n:
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > n:
+            raise PanopticEvalError(f"cannot decode PNG {path}: truncated at byte {pos}")
+        ctype = bytes(view[pos + 4:pos + 8])
+        if zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
+            raise PanopticEvalError(f"cannot decode PNG {path}: CRC mismatch in chunk "
+                                    f"{ctype.decode('latin-1')!r} at byte {pos}")
+        if ctype == b"IEND":
+            return
+        pos = end + 4
+
+
+def read_png_rgb(path: str) -> np.ndarray:
+    """Decodes a COCO panoptic PNG to uint8 [H, W, 3] R, G, B (id = R + 256 G + 256^2 B).
+
+    PNGs with an alpha channel are read from their first three channels, as the reference
+    evaluator does; 16-bit PNGs by the high byte of each sample, as Pillow (the reference's
+    reader) does. Single-channel and palette PNGs are rejected (the reference cannot read
+    them either).
     """
     try:
-        with Image.open(path) as img:
-            if img.mode == "RGB":
-                w, h = img.size
-                return np.frombuffer(img.tobytes("raw", "RGBX"), "<i4").reshape(h, w)
-            arr = np.asarray(img)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise PanopticEvalError(f"PNG not found: {path}") from None
     except OSError as e:
+        raise PanopticEvalError(f"cannot read PNG {path}: {e}") from None
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        raise PanopticEvalError(f"cannot decode PNG {path}: not a PNG file")
+    color_type = data[25]
+    if color_type not in _RGB_COLOR_TYPES:
+        kind = _OTHER_COLOR_TYPES.get(color_type, f"unknown colour type {color_type}")
+        raise PanopticEvalError(f"PNG {path} is {kind}; expected an RGB panoptic PNG [H, W, 3] "
+                                "with id = R + 256 G + 256^2 B")
+    _check_png_chunks(data, path)
+    try:
+        return pyspng.load(data, "RGB")
+    except RuntimeError as e:
         raise PanopticEvalError(f"cannot decode PNG {path}: {e}") from None
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise PanopticEvalError(f"PNG {path} has shape {arr.shape} (mode {img.mode}); expected "
-                                "an RGB panoptic PNG [H, W, 3] with id = R + 256 G + 256^2 B")
-    arr = arr[..., :3].astype(np.int64)
-    return arr[..., 0] + (arr[..., 1] << 8) + (arr[..., 2] << 16)
+
+
+def _pixel_ids(rgb: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """uint32 ids R + 256 G + 256^2 B of the pixels at flat `index` of flat RGB bytes."""
+    byte = 3 * index
+    ids = rgb[byte + 2].astype(np.uint32)
+    ids <<= 8
+    ids |= rgb[byte + 1]
+    ids <<= 8
+    ids |= rgb[byte]
+    return ids
+
+
+def pair_runs(gt_rgb: np.ndarray, pred_rgb: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cuts two equally sized RGB maps into runs of equal (GT id, prediction id) in raster order.
+
+    Returns (start, length, GT id, prediction id) per run. Panoptic maps are piecewise
+    constant, so runs are ~50x fewer than pixels and the later per-run work is small. The
+    pixel work stays on bytes: one vectorised compare of each map with itself shifted by one
+    pixel, OR-ed, then "any of a pixel's 3 byte flags" as one compare of a strided uint32 view
+    (the word starting one byte before the pixel's flags is >= 256 iff one of them is set).
+    Ids are assembled only at run starts.
+    """
+    gt, pred = gt_rgb.reshape(-1), pred_rgb.reshape(-1)
+    n = gt.size // 3
+    change = np.empty(n, bool)
+    change[:1] = True
+    if n > 1:
+        flags = np.not_equal(gt[3:], gt[:-3])  # flags[3 (i - 1) + c]: byte c of pixel i changed
+        flags |= pred[3:] != pred[:-3]
+        change[1] = flags[:3].any()
+        if n > 2:
+            # uint32 words at byte offsets 2, 5, 8, ...: word k holds pixel k + 2's three
+            # flags in its top 3 bytes (and pixel k + 1's last flag in its low byte).
+            words = np.ndarray((n - 2,), "<u4", flags, 2, (3,))
+            np.greater_equal(words, 256, out=change[2:])
+    starts = np.flatnonzero(change)
+    lengths = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
+    lengths[-1:] = n - starts[-1:]
+    return starts, lengths, _pixel_ids(gt, starts), _pixel_ids(pred, starts)
 
 
 def _segment_index(ids: np.ndarray, seg_ids: np.ndarray, scale: int = 1) -> np.ndarray:
     """Per id: (index * scale) with index 0 = id not in `seg_ids` (an error), 1 = void (id 0),
     2 + k = seg_ids[k]. Scaling lets GT and prediction indices add up to the combined label."""
-    table = np.concatenate([[VOID], seg_ids])
-    order = np.argsort(table, kind="stable")
-    sorted_ids = table[order]
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(table) - 1)
-    found = sorted_ids[pos] == ids
-    return np.where(found, (order[pos] + 1) * scale, 0)
+    # Sorted table [void, segment ids..., sentinel] (segment ids lie in [1, 2^24), so the
+    # uint32 sentinel is above every id and every search position is a valid slot), and the
+    # scaled index each slot stands for (0 for the sentinel: "not in the JSON").
+    k = len(seg_ids)
+    order = np.argsort(seg_ids)
+    table = np.empty(k + 2, np.uint32)
+    table[0], table[-1] = VOID, 0xFFFFFFFF
+    table[1:-1] = seg_ids[order]
+    value = np.empty(k + 2, np.int64)
+    value[0], value[-1] = scale, 0
+    value[1:-1] = (order + 2) * scale
+    pos = table.searchsorted(ids)
+    found = table[pos] == ids
+    if not found.all():
+        pos[~found] = k + 1
+    return value[pos]
 
 
 def _rgb(sid: int) -> str:
@@ -221,26 +310,16 @@ def _rgb(sid: int) -> str:
 
 def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     """Decodes one GT/prediction PNG pair, checks it against the JSON, adds it to `stats`."""
-    gt_ids_map = read_id_png(job.gt_path)
-    pred_ids_map = read_id_png(job.pred_path)
-    if gt_ids_map.shape != pred_ids_map.shape:
+    gt_rgb = read_png_rgb(job.gt_path)
+    pred_rgb = read_png_rgb(job.pred_path)
+    if gt_rgb.shape != pred_rgb.shape:
         raise PanopticEvalError(
             f"image_id {job.image_id!r}: prediction PNG {job.pred_path} is "
-            f"{pred_ids_map.shape[1]}x{pred_ids_map.shape[0]} (WxH) but ground-truth PNG "
-            f"{job.gt_path} is {gt_ids_map.shape[1]}x{gt_ids_map.shape[0]}")
-    # Panoptic maps are piecewise constant: count runs of equal (GT, prediction) pixel pairs
-    # in raster order instead of pixels. Runs are ~50x fewer, so the id lookups and the
-    # overlap histogram touch only the run starts, weighted by run length.
-    gt_flat, pred_flat = gt_ids_map.reshape(-1), pred_ids_map.reshape(-1)
-    n = gt_flat.size
-    change = np.empty(n, bool)
-    change[:1] = True
-    np.not_equal(gt_flat[1:], gt_flat[:-1], out=change[1:])
-    change[1:] |= pred_flat[1:] != pred_flat[:-1]
-    starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=n)
-    # `& 0xFFFFFF` turns read_id_png's int32 (id - 2^24) back into ids; no-op on true ids.
-    gt_run, pred_run = gt_flat[starts] & 0xFFFFFF, pred_flat[starts] & 0xFFFFFF
+            f"{pred_rgb.shape[1]}x{pred_rgb.shape[0]} (WxH) but ground-truth PNG "
+            f"{job.gt_path} is {gt_rgb.shape[1]}x{gt_rgb.shape[0]}")
+    # The overlap table is accumulated over runs of equal (GT, prediction) pixel pairs, so the
+    # id lookups and the histogram touch only the run starts, weighted by run length.
+    _, lengths, gt_run, pred_run = pair_runs(gt_rgb, pred_rgb)
     kg, kp = len(job.gt_ids) + 2, len(job.pred_ids) + 2
     g = _segment_index(gt_run, job.gt_ids, scale=kp)
     p = _segment_index(pred_run, job.pred_ids)
@@ -275,21 +354,6 @@ def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     stats.add_image(conf, job.gt_cat, job.gt_crowd, gt_area, job.pred_cat, pred_area)
 
 
-# Worker-process state (inherited by fork or sent once through the pool initializer).
-_WORKER: dict = {}
-
-
-def _init_worker(jobs: list[_ImageJob], category_ids: list[int], is_thing: list[bool]) -> None:
-    _WORKER.update(jobs=jobs, category_ids=category_ids, is_thing=is_thing)
-
-
-def _run_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    stats = PQStats(_WORKER["category_ids"], _WORKER["is_thing"])
-    for job in _WORKER["jobs"][bounds[0]:bounds[1]]:
-        evaluate_image(job, stats)
-    return stats.tp, stats.fp, stats.fn, stats.iou_sum
-
-
 def default_num_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -297,32 +361,129 @@ def default_num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _evaluate_from_queue(jobs: Sequence[_ImageJob], task_fd: int, batch: int,
+                         stats: PQStats) -> tuple[int, str] | None:
+    """Evaluates the batches of `jobs` named by 4-byte tokens read from `task_fd` until EOF.
+
+    Returns None, or (job index, message) of the first bad image met, after draining the
+    queue so that the other processes stop after their current image.
+    """
+    while True:
+        token = os.read(task_fd, 4)
+        if not token:
+            return None
+        first = int.from_bytes(token, "little")
+        for i in range(first, min(first + batch, len(jobs))):
+            try:
+                evaluate_image(jobs[i], stats)
+            except PanopticEvalError as e:
+                while os.read(task_fd, 1 << 16):
+                    pass
+                return i, str(e)
+
+
+def _child(jobs: Sequence[_ImageJob], task_fd: int, batch: int, stats: PQStats,
+           result_fd: int) -> None:
+    """Body of a forked worker: evaluates from the queue, pickles its sums back, exits."""
+    code = 0
+    try:
+        try:
+            error = _evaluate_from_queue(jobs, task_fd, batch, stats)
+            payload = ("ok", (stats.tp, stats.fp, stats.fn, stats.iou_sum), error)
+        except BaseException:  # a bug, not bad input: hand the traceback to the parent
+            while os.read(task_fd, 1 << 16):
+                pass
+            payload = ("crash", traceback.format_exc(), None)
+        with os.fdopen(result_fd, "wb") as f:
+            pickle.dump(payload, f)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)  # no atexit handlers or stdio flushes inherited from the parent
+
+
+def _compute_forked(jobs: Sequence[_ImageJob], stats: PQStats, workers: int) -> PQStats:
+    """Evaluates `jobs` in this process plus `workers - 1` forked children.
+
+    Work is shared dynamically through a pipe of job-batch tokens (each process reads the next
+    token when it is free), so a slow image or a busy core does not leave the others idle.
+    Forking directly (rather than a multiprocessing pool) costs ~1 ms per child and keeps this
+    process working too; children return only their four per-category sum arrays.
+    """
+    # At most 2048 tokens (8 KiB), so the whole queue fits in the pipe before anyone reads it.
+    batch = -(-len(jobs) // 2048)
+    task_r, task_w = os.pipe()
+    try:
+        os.write(task_w, b"".join(i.to_bytes(4, "little")
+                                  for i in range(0, len(jobs), batch)))
+    finally:
+        os.close(task_w)  # readers see EOF once the queue is empty
+    children: list[tuple[int, int]] = []
+    errors: list[tuple[int, str]] = []
+    crashes: list[str] = []
+    try:
+        for _ in range(workers - 1):
+            result_r, result_w = os.pipe()
+            try:
+                pid = os.fork()
+            except OSError:  # e.g. a process limit: go on with the workers there are
+                os.close(result_r)
+                os.close(result_w)
+                break
+            if pid == 0:
+                os.close(result_r)
+                _child(jobs, task_r, batch, PQStats(stats.category_ids, stats.is_thing),
+                       result_w)
+            os.close(result_w)
+            children.append((pid, result_r))
+        error = _evaluate_from_queue(jobs, task_r, batch, stats)
+        if error:
+            errors.append(error)
+    finally:
+        # Also on an exception here (e.g. Ctrl-C): empty the queue and reap every child.
+        while os.read(task_r, 1 << 16):
+            pass
+        os.close(task_r)
+        for pid, result_r in children:
+            with os.fdopen(result_r, "rb") as f:
+                data = f.read()
+            os.waitpid(pid, 0)
+            if not data:
+                crashes.append(f"worker process {pid} exited without a result")
+                continue
+            status, value, error = pickle.loads(data)
+            if status == "crash":
+                crashes.append(value)
+                continue
+            for mine, theirs in zip((stats.tp, stats.fp, stats.fn, stats.iou_sum), value,
+                                    strict=True):
+                mine += theirs
+            if error:
+                errors.append(error)
+    if crashes:
+        raise RuntimeError("a PQ worker process failed:\n" + "\n".join(crashes))
+    if errors:
+        # Report the first bad image in input order, as the single-process run would.
+        raise PanopticEvalError(min(errors)[1])
+    return stats
+
+
 def compute_stats(jobs: Sequence[_ImageJob], category_ids: list[int], is_thing: list[bool],
                   num_workers: int | None = None) -> PQStats:
-    """Evaluates all images, over `num_workers` processes (1 = in this process)."""
+    """Evaluates all images, over `num_workers` processes (1 = in this process).
+
+    Several processes need `os.fork` (Linux, macOS); elsewhere the images are evaluated in
+    this process.
+    """
     jobs = list(jobs)
     workers = default_num_workers() if num_workers is None else num_workers
-    # Below a handful of images per worker, forking costs more than it saves.
+    # Below a handful of images per process, forking costs more than it saves.
     workers = max(1, min(workers, len(jobs) // 4))
     stats = PQStats(category_ids, is_thing)
-    if workers == 1:
-        for job in jobs:
-            evaluate_image(job, stats)
-        return stats
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # Several chunks per worker balance uneven images; each returns only 4 small arrays.
-    n_chunks = min(len(jobs), workers * 4)
-    edges = np.linspace(0, len(jobs), n_chunks + 1).round().astype(int)
-    with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(jobs, category_ids, is_thing)) as pool:
-        chunks = list(zip(edges[:-1], edges[1:], strict=True))
-        for tp, fp, fn, iou in pool.imap_unordered(_run_chunk, chunks):
-            stats.tp += tp
-            stats.fp += fp
-            stats.fn += fn
-            stats.iou_sum += iou
+    if workers > 1 and hasattr(os, "fork"):
+        return _compute_forked(jobs, stats, workers)
+    for job in jobs:
+        evaluate_image(job, stats)
     return stats
 
 
