@@ -340,7 +340,7 @@ def test_xla_compiles_and_matches_eager():
 
 # ------------------------------------- dynamic (kept / candidate slots) vs static path
 
-_pp_module = __import__("max_deeplab.inference.postprocess", fromlist=["_argmax_candidates"])
+_pp_module = __import__("max_deeplab.inference.postprocess", fromlist=["_cell_codes"])
 
 
 def _smooth_logits(rng, b, h, w, n, scale=6.0):
@@ -390,31 +390,124 @@ def test_dynamic_path_equals_static_path(paper, kept, logits):
             assert (dynamic["mask_id"].numpy() > 0).all()
 
 
-@pytest.mark.parametrize("offset", [False, True])
-def test_cell_bound_argmax_equals_full_upsample_argmax(offset):
-    # White-noise logits have many candidates per cell; force the candidate path anyway.
-    rng = np.random.default_rng(3)
-    ml = tf.constant(rng.normal(0, 5, (2, 17, 13, 30)), tf.float32)
-    # Exact ties between slots 4 and 9 (same logits) must resolve to slot 4.
-    ml = tf.concat([ml[..., :9], ml[..., 4:5], ml[..., 10:]], axis=-1)
-    size = (65, 49)
-    up = _pp_module.upsample_logits(ml, size)
-    add = rng.normal(0, 1, (2, 30)).astype(np.float32) if offset else None
-    allowed = rng.random((2, 30)) < 0.5 if offset else None
-    scored = up + add[:, None, None, :] if offset else up
-    if offset:
-        scored = tf.where(allowed[:, None, None, :], scored, -np.inf)
-    want = tf.argmax(scored, axis=-1, output_type=tf.int32).numpy()
+def _full_resolution_codes(ml, kept, offset, size, threshold):
+    """Straightforward per-pixel codes on all N upsampled channels (NumPy, float64 sums).
+
+    Returns the codes (postprocess module docstring) and the float64 confidence.
+    """
+    up = _pp_module.upsample_logits(tf.constant(ml), size).numpy()  # float32 [B, H, W, N]
+    b, n = ml.shape[0], ml.shape[-1]
+    dominant = up.argmax(-1)  # first maximal slot, as tf.argmax
+    scored = np.where(kept[:, None, None, :], up + offset[:, None, None, :], -np.inf)
+    chosen = scored.argmax(-1)
+    v = up.astype(np.float64)
+    v_kept = np.where(kept[:, None, None, :], v, -np.inf)
+    v_chosen = np.take_along_axis(v, chosen[..., None], -1)
+    conf = 1.0 / np.exp(v_kept - v_chosen).sum(-1)
+    dominant_kept = np.take_along_axis(kept[:, None, None, :].repeat(size[0], 1)
+                                       .repeat(size[1], 2), dominant[..., None], -1)[..., 0]
+    e = np.where(dominant_kept, np.where(conf > threshold, 1 + chosen, 1 + n + chosen), 0)
+    image = np.arange(b)[:, None, None]
+    return (image * n + dominant) * (2 * n + 1) + e, conf
+
+
+def _near_tie_logits(rng, b, h, w, n):
+    """Smooth logits with exact ties, 1-ulp gaps and flat plateaus between slots."""
+    ml = _smooth_logits(rng, b, h, w, n, scale=3.0)
+    ml[..., 5] = ml[..., 2]  # exact ties everywhere: slot 2 must win over 5
+    ml[..., 7] = np.nextafter(ml[..., 3], np.float32(np.inf))  # 7 beats 3 by one ulp
+    top = ml.max(-1)
+    ml[:, : h // 2, :, 9] = top[:, : h // 2] + 1.0  # plateau: 9 and 11 tie in the top half
+    ml[:, : h // 2, :, 11] = top[:, : h // 2] + 1.0
+    ml[:, h // 2:, : w // 2, 1] = 4.0  # a constant slot winning a corner block
+    return ml
+
+
+@pytest.mark.parametrize("paper", [True, False])
+@pytest.mark.parametrize("logits", ["smooth", "white", "ties", "steep"])
+def test_cell_codes_equal_full_resolution_computation(paper, logits):
+    # The cells path (exact low-resolution bounds + candidate interpolation) against the
+    # straightforward all-slot full-resolution computation, on strides 2, 4 and 8 (the
+    # last cell row/column is degenerate), with a pixel threshold that leaves many pixels
+    # to the exact per-pixel computation.
+    rng = np.random.default_rng([int(paper), len(logits)])
+    b, h, w, n = 2, 9, 11, 24
+    if logits == "smooth":
+        ml = _smooth_logits(rng, b, h, w, n)
+    elif logits == "white":
+        ml = rng.normal(0, 2, (b, h, w, n)).astype(np.float32)
+    elif logits == "steep":  # logits in the hundreds: exp overflows in the bounds
+        ml = _smooth_logits(rng, b, h, w, n, scale=150.0)
+    else:
+        ml = _near_tie_logits(rng, b, h, w, n)
+    kept = rng.random((b, n)) < 0.5
+    kept[:, [1, 2, 3, 5, 7, 9, 11]] = True
+    kept[1, 9] = False  # a discarded slot dominating a region: void there
+    conf = rng.uniform(0.7, 1.0, (b, n)).astype(np.float32)
+    offset = np.log(conf) if paper else np.zeros_like(conf)
+    index, valid = _pp_module._kept_slots(tf.constant(kept))
 
     def fail():
-        raise AssertionError("fallback used")
+        raise AssertionError("dense fallback used")
 
-    got, value = _pp_module._argmax_candidates(ml, size, fail, offset=add, allowed=allowed,
-                                               max_pairs=10**9)
-    np.testing.assert_array_equal(got.numpy(), want)
-    np.testing.assert_array_equal(value.numpy(), tf.reduce_max(scored, axis=-1).numpy())
-    if not offset:
-        assert ((want == 4) | (want == 9)).any() and not (want == 9).any()
+    for threshold in (0.4, 0.75):
+        for stride in (2, 4, 8):
+            size = ((h - 1) * stride + 1, (w - 1) * stride + 1)
+            got = _pp_module._cell_codes(
+                tf.constant(ml), tf.constant(kept), index, valid, tf.constant(offset),
+                size, (stride, stride), threshold, fail, max_pairs=10**9).numpy()
+            want, conf_px = _full_resolution_codes(ml, kept, offset, size, threshold)
+            # Confidences within float32 rounding of the threshold may go either way
+            # (summation order); everything else must be identical.
+            rounding = np.abs(conf_px - threshold) < 1e-6
+            assert rounding.mean() < 1e-3
+            np.testing.assert_array_equal(got[~rounding], want[~rounding])
+            num_codes = 2 * n + 1
+            np.testing.assert_array_equal(got // num_codes, want // num_codes)  # dominant
+            e_got, e_want = got % num_codes, want % num_codes
+            np.testing.assert_array_equal((e_got - 1) % n, (e_want - 1) % n)  # ẑ
+            # The case is not degenerate: void, confident and (except with logits so steep
+            # that every boundary is sharp) unconfident pixels all occur.
+            assert (e_want == 0).any() and ((e_want > 0) & (e_want <= n)).any()
+            assert logits == "steep" or (e_want > n).any()
+    if logits == "ties":
+        dominant = want // (2 * n + 1) % n
+        assert (dominant == 2).any() and not (dominant == 5).any()
+        # 7 exceeds 3 by one ulp at the grid points; interpolation may round them equal.
+        assert (dominant[:, ::stride, ::stride] == 7).any()
+        assert not (dominant[:, ::stride, ::stride] == 3).any()
+        plateau = dominant[:, : (h // 2 - 1) * stride + 1]  # rows inside the plateau
+        assert (plateau == 9).all()
+
+
+def test_cell_codes_fall_back_to_dense_above_the_pair_limit():
+    rng = np.random.default_rng(11)
+    ml = rng.normal(0, 2, (1, 5, 5, 8)).astype(np.float32)
+    kept = np.ones((1, 8), bool)
+    index, valid = _pp_module._kept_slots(tf.constant(kept))
+    sentinel = tf.fill([1, 17, 17], -7)
+    got = _pp_module._cell_codes(tf.constant(ml), tf.constant(kept), index, valid,
+                                 tf.zeros([1, 8]), (17, 17), (4, 4), 0.4, lambda: sentinel,
+                                 max_pairs=0)
+    assert (got.numpy() == -7).all()
+
+
+def test_postprocess_in_a_v1_graph_session():
+    # Graph-mode tensors outside tf.function compare by identity with `==`; the
+    # implementation must use tf.equal (the SavedModel and tf.function paths are TF2).
+    rng = np.random.default_rng(2)
+    ml = _smooth_logits(rng, 1, 9, 9, 16)
+    cl = rng.normal(0, 3, (1, 16, 4)).astype(np.float32)
+    kw = dict(is_thing=[True, False, True], image_size=(33, 33), **NO_AREA)
+    want = postprocess({"mask_logits": ml, "class_logits": cl}, dynamic_shapes=False, **kw)
+    graph = tf.Graph()
+    with graph.as_default():
+        out = postprocess({"mask_logits": tf.constant(ml), "class_logits": tf.constant(cl)},
+                          dynamic_shapes=True, **kw)
+        with tf.compat.v1.Session(graph=graph) as session:
+            got = session.run(out)
+    for key in ("panoptic", "semantic", "instance", "mask_id"):
+        np.testing.assert_array_equal(got[key], want[key].numpy(), err_msg=key)
 
 
 def test_dynamic_is_default_outside_xla_and_static_inside():

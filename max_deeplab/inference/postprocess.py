@@ -29,21 +29,33 @@ numerically on the tiny fixture), which is exact for the stride-4 grid of a ``4k
 (e.g. 641 -> 161 -> 641). Thresholds: a slot is kept iff p̂ ≥ class_threshold; a pixel is
 kept iff its confidence > pixel_threshold (strict), a segment iff area ≥ its limit.
 
-Two implementations compute the same maps. The *static* one (used under
-``tf.function(jit_compile=True)``, where shapes must be static) works on all N upsampled
-channels. The *dynamic* one (eager / plain ``tf.function``, the default there) avoids the
-[B, H, W, N] tensor, the cost driver at 641² (benchmarks/bench_postprocess.py):
+Every pixel is summarised by one int32 *code* = (b·N + a)·(2N + 1) + e, with a the dominant
+slot (largest mask logit) and e = 0 (a discarded: void), 1 + ẑ (confident) or 1 + N + ẑ
+(not confident). All output maps are then one table lookup each, and the area filters one
+`bincount` of the codes. Three implementations compute the codes:
 
-* kept-slot quantities (the kept-slot softmax normaliser, the paper's weighted argmax) only
-  involve kept slots — typically few — so only those channels are gathered and upsampled;
-* the dominant slot argmax over *all* N slots is exact from low-resolution bounds: inside
-  one stride cell every upsampled value of channel i lies between the min and max of its 4
-  corner logits, so a channel whose corner max is below another channel's corner min
-  (minus a rounding margin) can never be the argmax there. Only the remaining candidates
-  of each cell are interpolated, with the same `ResizeBilinear` arithmetic on a 2x2 patch
-  (bit-identical for power-of-two strides, where the interpolation weights are exact).
-  When many channels stay candidates (e.g. spatially white-noise logits) the full
-  upsample + argmax is used instead.
+* *static* (used under ``tf.function(jit_compile=True)``, where shapes must be static):
+  all N channels upsampled to [B, H, W, N];
+* *dense* (dynamic shapes; any resize): the N-channel argmax, and only the K kept channels
+  upsampled for ẑ and the confidence;
+* *cells* (dynamic shapes, align-corners with power-of-two strides, e.g. 161 -> 641; the
+  default outside XLA). The bilinear upsample is, inside one stride cell, a convex
+  combination of the cell's 4 corner logit vectors, which gives exact low-resolution bounds:
+  a slot whose corner max is below another slot's corner min (minus a rounding margin)
+  never wins in that cell; and, the log-sum-exp being convex, the kept-slot sum
+  Σ_k exp(v_k − v_ẑ) at any pixel is at most the bilinear interpolation of its values at
+  the 4 corners (Jensen), and at least its partial sum over the candidate slots. Only cells
+  where these bounds leave the argmax or the threshold open are interpolated, and only for
+  their candidate slots — with `ResizeBilinear`'s own arithmetic and exact weights r/s, so
+  the values are bit-identical to the full upsample's; confidences still open there are
+  computed over all kept slots of the cell. Ties resolve to the lowest slot (`tf.argmax`).
+  When too many slots stay candidates (e.g. spatially white-noise logits) the dense path
+  runs instead.
+
+The float ``pixel_confidence`` output needs the kept-slot sum at every pixel; the cells path
+computes it with the dense kept-slot upsample, which graph mode (`tf.function`, SavedModel)
+skips when that output is not fetched (export returns only the label maps). It agrees with
+the threshold decision up to float32 rounding of the sum (summation order).
 """
 
 from __future__ import annotations
@@ -120,90 +132,368 @@ def _argmax_full(mask_logits: tf.Tensor, size: Sequence[int], method: str) -> tf
                      output_type=tf.int32)
 
 
-# Rounding margin of the cell bounds, relative to the cell's largest |logit|: a 3-lerp
-# bilinear value is within a few float32 ulps (~1e-7 relative) of its corners' hull.
+# Rounding margin of the cell bounds, relative to the image's largest |logit| (+ |log p̂|):
+# a 3-lerp bilinear value is within a few float32 ulps (~1e-7 relative) of its corners' hull.
 _BOUND_MARGIN = 1e-5
+# Relative slack of the confidence bounds for float32 rounding of exp and of the sums.
+_SUM_SLACK = 1e-4
+# Confidence bounds above this are not trusted to decide "confident" (exp underflow in the
+# computed confidence would make it 0).
+_HUGE = 1e30
 
 
-def _argmax_candidates(mask_logits: tf.Tensor, size: Sequence[int],
-                       fallback: Callable[[], tuple[tf.Tensor, tf.Tensor]],
-                       offset: tf.Tensor | None = None, allowed: tf.Tensor | None = None,
-                       max_pairs: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """argmax_i and max_i over ``allowed`` slots of up(logits)_i + offset_i, exactly.
+def _count(values: tf.Tensor, size: tf.Tensor | int) -> tf.Tensor:
+    """Occurrences of each of 0..size−1 in int32 ``values`` (all in range): int32 [size].
 
-    ``up`` is the align-corners upsample to ``size`` (power-of-two strides). Cell
-    (y0, x0) holds the output pixels (s·y0 + r, s·x0 + q), 0 ≤ r, q < s, which interpolate
-    the corners (y0|y0+1, x0|x0+1) (the last row/column: themselves). A slot whose corner
-    max (+ offset) is below M − margin, M = max over slots of the corner min (+ offset),
-    is below the slot attaining M everywhere in the cell. Only (cell, candidate slot)
-    pairs are interpolated, with `ResizeBilinear`'s arithmetic (top = tl + (tr − tl)·fx,
-    ...) and its exact weights r/s, so values equal the full upsample's bit for bit; ties
-    resolve to the lowest slot as in `tf.argmax`.
+    `DenseBincount` with a fixed size (`tf.math.bincount` derives its size from the data,
+    which XLA rejects); much faster than `unsorted_segment_sum` on CPU.
+    """
+    return tf.raw_ops.DenseBincount(input=values, size=size,
+                                    weights=tf.zeros([0], tf.int32), binary_output=False)
+
+
+def _segment(reduce: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], data: tf.Tensor,
+             ids: tf.Tensor, num: tf.Tensor) -> tf.Tensor:
+    """``reduce`` (a sorted `tf.math.segment_*`) of ``data`` rows by sorted ``ids`` into
+    ``num`` rows; segments without rows give 0.
+
+    Candidate pairs come from `tf.where` in row-major order, so their cell ids are sorted;
+    the sorted segment reductions are ~2.5x faster than the unsorted ones on CPU.
+    """
+    out = reduce(data, ids)
+    return tf.pad(out, [[0, num - tf.shape(out)[0]]] + [[0, 0]] * (data.shape.rank - 1))
+
+
+def _kept_slots(kept: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Kept slots of each image in ascending slot order, padded to the batch's largest count.
+
+    Returns index int32 [B, K] (K ≥ 1; padding entries are valid slot ids) and valid [B, K].
+    Ascending order makes "lowest position" equal "lowest slot" for tie-breaking.
+    """
+    num_slots = int(kept.shape[-1])
+    order = tf.range(num_slots, dtype=tf.int32)
+    num_kept = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(kept, tf.int32), -1)), 1)
+    index = tf.math.top_k(-tf.where(kept, order, order + num_slots), k=num_kept).indices
+    return index, tf.gather(kept, index, batch_dims=1)
+
+
+def _kept_logits(mask_logits: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
+                 offset: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """[B, h, w, K] logits of the kept slots and their [B, K] offsets; padding gets _NEG.
+
+    _NEG is exact under interpolation (a constant) and adds exp(_NEG − max) = 0 to sums.
+    """
+    # A one-hot matmul instead of a gather along the channel axis (2x faster on CPU);
+    # exact for finite logits in float32 matmul: each output is x·1 plus zeros.
+    shape = tf.shape(mask_logits)
+    select = tf.one_hot(index, int(mask_logits.shape[-1]), dtype=mask_logits.dtype)
+    low = tf.matmul(tf.reshape(mask_logits, [shape[0], -1, shape[3]]), select,
+                    transpose_b=True)  # [B, h·w, K]
+    # Padding exists only with B > 1 (or no kept slot): skip the masking pass otherwise.
+    low = tf.cond(tf.reduce_all(valid), lambda: low,
+                  lambda: tf.where(valid[:, None, :], low, _NEG))
+    low = tf.reshape(low, tf.concat([shape[:3], tf.shape(index)[1:]], 0))
+    return low, tf.where(valid, tf.gather(offset, index, batch_dims=1), _NEG)
+
+
+def _kept_choice_dense(mask_logits: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
+                       offset: tf.Tensor, size: Sequence[int], method: str
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
+    """ẑ = argmax over kept slots of up(logit) + offset, and its mask-ID confidence.
+
+    Upsamples the K kept channels only. The confidence exp(v_ẑ − max_kept) / Σ_kept
+    exp(v − max_kept) equals the static path's wherever the dominant slot is kept (there
+    max_kept is the maximum over all slots); elsewhere it is not used.
+
+    Returns int32 [B, H, W] slots, float32 [B, H, W] confidences.
+    """
+    low, off = _kept_logits(mask_logits, index, valid, offset)
+    logits = upsample_logits(low, size, method)  # [B, H, W, K]
+    scored = logits + off[:, None, None, :]
+    position = tf.argmax(scored, axis=-1, output_type=tf.int32)
+    max_kept = tf.reduce_max(logits, axis=-1, keepdims=True)
+    kept_sum = tf.squeeze(tf.matmul(tf.exp(logits - max_kept),
+                                    tf.cast(valid, tf.float32)[:, None, :, None]), -1)
+    chosen_rel = (tf.reduce_max(scored, axis=-1) - tf.gather(off, position, batch_dims=1)
+                  - max_kept[..., 0])
+    return tf.gather(index, position, batch_dims=1), tf.exp(chosen_rel) / kept_sum
+
+
+def _pixel_codes(dominant: tf.Tensor, chosen: tf.Tensor, confidence: tf.Tensor,
+                 kept: tf.Tensor, pixel_threshold: float) -> tf.Tensor:
+    """Per-pixel codes (module docstring) from dense maps: dominant slot a, ẑ, confidence."""
+    num_slots = int(kept.shape[-1])
+    dominant_kept = tf.gather(kept, dominant, batch_dims=1)
+    e = tf.where(dominant_kept, tf.where(confidence > pixel_threshold, 1 + chosen,
+                                         1 + num_slots + chosen), 0)
+    image = tf.range(tf.shape(dominant)[0], dtype=tf.int32)[:, None, None]
+    return (image * num_slots + dominant) * (2 * num_slots + 1) + e
+
+
+def _bilinear_cells(corners: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
+    """[P, 4] corner values (tl, tr, bl, br) -> [P, sy·sx] align-corners samples of the cell.
+
+    `ResizeBilinear`'s arithmetic (top = tl + (tr − tl)·fx, ..., top + (bottom − top)·fy)
+    with its weights r/s, exact in float32 for power-of-two strides: bit-identical values.
+    """
+    sy, sx = strides
+    fy = (tf.range(sy, dtype=tf.float32) / sy)[:, None]
+    fx = tf.range(sx, dtype=tf.float32) / sx
+    tl, tr, bl, br = (corners[:, i, None, None] for i in range(4))
+    top = tl + (tr - tl) * fx
+    bottom = bl + (br - bl) * fx
+    return tf.reshape(top + (bottom - top) * fy, [-1, sy * sx])
+
+
+def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
+                offset: tf.Tensor, size: tuple[int, int], strides: tuple[int, int],
+                pixel_threshold: float,
+                dense_codes: Callable[[], tf.Tensor], max_pairs: int | None = None
+                ) -> tf.Tensor:
+    """Per-pixel codes from exact low-resolution cell bounds (module docstring, *cells*).
+
+    Cell (y, x) holds the output pixels (s_y·y + r, s_x·x + q), 0 ≤ r < s_y, 0 ≤ q < s_x,
+    which interpolate the corners (y|y+1, x|x+1) of the logits (the last row/column:
+    themselves). Per cell:
+
+    1. dominant slot: the slot t with the largest logit at the top-left corner has its
+       corner min as a lower bound M of the pixel maximum; slots whose corner max is
+       < M − margin never win. A cell with one candidate is t throughout.
+    2. ẑ (argmax over kept slots of logit + offset): the same with the offsets.
+    3. confidence 1 / S, S = Σ_kept exp(v_k − v_ẑ): by convexity of log-sum-exp, at a pixel
+       with bilinear weights w_c, S ≤ Σ_c w_c exp(LSE_c − L_ẑ,c) (LSE_c: the kept-slot
+       log-sum-exp at corner c); and S ≥ the sum over the ẑ candidates alone.
+
+    Cells whose dominant slot or ẑ is not unique, or whose confidence is not decided by the
+    per-cell bound, are resolved per pixel from their candidate slots; pixels still open
+    are computed over all kept slots of their cell. Above ``max_pairs`` candidate pairs
+    (None: an eighth of cells × N) ``dense_codes`` is used instead.
 
     Args:
-      mask_logits: [B, h, w, N] logits; size: (H, W).
-      fallback: returns the same (argmax, max) densely; used above ``max_pairs`` pairs
-        (None: a quarter of cells × N, past which the pair work nears the dense one's).
-      offset: [B, N] per-slot term added after upsampling (the paper's log p̂), or None.
-      allowed: [B, N] bools, slots taking part (None: all). Pixels of an image without
-        allowed slots get an arbitrary valid slot index.
+      mask_logits: [B, h, w, N]; kept: [B, N] bools; index, valid: `_kept_slots(kept)`;
+        offset: [B, N] added to the logits
+        for ẑ (log p̂ for the paper rule, 0 for deeplab2's); size: (H, W) with
+        H − 1 = s_y·(h − 1), W − 1 = s_x·(w − 1); strides: (s_y, s_x), powers of two.
 
     Returns:
-      int32 [B, H, W] argmax slot, float32 [B, H, W] its value.
+      int32 [B, H, W] codes.
     """
-    batch, h, w, n = (tf.shape(mask_logits)[0], int(mask_logits.shape[1]),
-                      int(mask_logits.shape[2]), int(mask_logits.shape[-1]))
-    out_h, out_w = int(size[0]), int(size[1])
-    sy, sx = _candidate_stride(h, out_h), _candidate_stride(w, out_w)
-    # Replicate the last row/column: the degenerate last cell interpolates a pixel with itself.
-    padded = tf.concat([mask_logits, mask_logits[:, -1:]], axis=1)
-    padded = tf.concat([padded, padded[:, :, -1:]], axis=2)  # [B, h+1, w+1, N]
-    row_max = tf.maximum(padded[:, :, :-1], padded[:, :, 1:])
-    row_min = tf.minimum(padded[:, :, :-1], padded[:, :, 1:])
-    upper = tf.maximum(row_max[:, :-1], row_max[:, 1:])  # [B, h, w, N] corner max
-    lower = tf.minimum(row_min[:, :-1], row_min[:, 1:])  # corner min
-    if offset is not None:
-        upper += offset[:, None, None, :]
-        lower += offset[:, None, None, :]
-    low_for_max = lower
-    low_for_min = lower
-    if allowed is not None:
-        mask = allowed[:, None, None, :]
-        upper = tf.where(mask, upper, -np.inf)
-        low_for_max = tf.where(mask, lower, -np.inf)
-        low_for_min = tf.where(mask, lower, np.inf)
-    bound = tf.reduce_max(low_for_max, axis=-1, keepdims=True)
-    scale = tf.maximum(tf.reduce_max(upper, axis=-1, keepdims=True),
-                       -tf.reduce_min(low_for_min, axis=-1, keepdims=True))
-    # A cell without allowed slots compares with NaN (−inf − −inf): no pairs.
-    pairs = tf.where(upper >= bound - _BOUND_MARGIN * (1.0 + scale))  # [P, 4]: b, y, x, slot
-    num_cells = batch * h * w
-    limit = num_cells * n // 4 if max_pairs is None else max_pairs
+    batch = tf.shape(mask_logits)[0]
+    h, w, n = (int(d) for d in mask_logits.shape[1:])
+    sy, sx = strides
+    out_h, out_w = size
+    per_image = h * w
+    num_cells = batch * per_image
+    num_codes = 2 * n + 1
+    pixels = sy * sx
+    num_kept = tf.shape(index)[1]
 
-    def to_image(per_cell: tf.Tensor) -> tf.Tensor:  # [cells, sy·sx] -> [B, H, W]
-        per_cell = tf.transpose(tf.reshape(per_cell, [batch, h, w, sy, sx]), [0, 1, 3, 2, 4])
-        return tf.reshape(per_cell, [batch, h * sy, w * sx])[:, :out_h, :out_w]
+    # Offsets (in cells) of a cell's 4 corners; the last row/column repeats itself.
+    step_x = np.where(np.arange(w) < w - 1, 1, 0)[None, :].repeat(h, 0)
+    step_y = np.where(np.arange(h) < h - 1, w, 0)[:, None].repeat(w, 1)
+    corner_step = tf.constant(np.stack([0 * step_x, step_x, step_y, step_x + step_y], -1)
+                              .reshape(per_image, 4), tf.int32)  # [h·w, 4]
+    cell_id = tf.reshape(tf.range(num_cells, dtype=tf.int32), [batch, h, w])
+    cell_corner = cell_id[..., None] + tf.reshape(corner_step, [h, w, 4])  # [B, h, w, 4]
 
-    def from_candidates() -> tuple[tf.Tensor, tf.Tensor]:
-        corner = [tf.gather_nd(c, pairs)[:, None, None] for c in (
-            mask_logits, padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:])]
-        top_left, top_right, bottom_left, bottom_right = corner  # each [P, 1, 1]
-        fy = (tf.range(sy, dtype=tf.float32) / sy)[:, None]  # exact: sy is a power of two
-        fx = tf.range(sx, dtype=tf.float32) / sx
-        top = top_left + (top_right - top_left) * fx
-        bottom = bottom_left + (bottom_right - bottom_left) * fx
-        values = tf.reshape(top + (bottom - top) * fy, [-1, sy * sx])  # [P, sy·sx]
-        pairs32 = tf.cast(pairs, tf.int32)
-        if offset is not None:
-            values += tf.gather_nd(offset, tf.gather(pairs32, [0, 3], axis=1))[:, None]
-        cell = (pairs32[:, 0] * h + pairs32[:, 1]) * w + pairs32[:, 2]
-        best_value = tf.math.unsorted_segment_max(values, cell, num_cells)
-        slot = tf.where(values == tf.gather(best_value, cell), pairs32[:, 3:], n)
-        best = tf.math.unsorted_segment_min(slot, cell, num_cells)  # lowest maximal slot
-        best = tf.clip_by_value(best, 0, n - 1)  # cells without pairs
-        return to_image(best), to_image(best_value)
+    corner_cells = tf.reshape(cell_corner, [-1, 4])  # flat cell -> its 4 corner cells
 
-    return tf.cond(tf.shape(pairs)[0] <= limit, from_candidates, fallback)
+    def corners_of(values: tf.Tensor, channels: tf.Tensor | int, cells: tf.Tensor,
+                   slots: tf.Tensor) -> tf.Tensor:
+        """[P, 4] corner values of (flat cell, slot) pairs of a flat [cells·channels]."""
+        return tf.gather(values, tf.gather(corner_cells, cells) * channels + slots[:, None])
+
+    # 1. Dominant slot over all N slots.
+    flat = tf.reshape(mask_logits, [-1])
+    upper = tf.nn.max_pool2d(mask_logits, 2, 1, "SAME")  # corner max (SAME pads bottom/right)
+    top = tf.argmax(mask_logits, axis=-1, output_type=tf.int32)  # [B, h, w]
+    top_corners = tf.gather(flat, cell_corner * n + top[..., None])  # [B, h, w, 4]
+    scale = tf.maximum(tf.reduce_max(top_corners[..., 0], axis=[1, 2]),
+                       -tf.reduce_min(mask_logits, axis=[1, 2, 3]))  # [B] max |logit|
+    margin = _BOUND_MARGIN * (1.0 + tf.abs(scale))
+    bound = tf.reduce_min(top_corners, -1) - margin[:, None, None]
+    pairs = tf.cast(tf.where(upper >= bound[..., None]), tf.int32)  # [P, 4]: b, y, x, slot
+    pair_cell = (pairs[:, 0] * h + pairs[:, 1]) * w + pairs[:, 2]
+    pair_slot = pairs[:, 3]
+    pair_kept = tf.gather(tf.reshape(kept, [-1]), pairs[:, 0] * n + pair_slot)
+    mixed = _count(pair_cell, num_cells) > 1
+    may_keep = _segment(tf.math.segment_max, tf.cast(pair_kept, tf.int32), pair_cell,
+                        num_cells) > 0  # some kept slot may dominate
+
+    # 2. ẑ over kept slots, ranked by logit + offset.
+    low_k, off_k = _kept_logits(mask_logits, index, valid, offset)  # [B, h, w, K], [B, K]
+    flat_k, off_flat = tf.reshape(low_k, [-1]), tf.reshape(off_k, [-1])
+    upper_k = tf.nn.max_pool2d(low_k, 2, 1, "SAME") + off_k[:, None, None, :]
+    first = tf.argmax(low_k + off_k[:, None, None, :], axis=-1, output_type=tf.int32)
+    first_corners = tf.gather(flat_k, cell_corner * num_kept + first[..., None])
+    first_off = tf.gather(off_k, first, batch_dims=1)
+    off_scale = tf.reduce_max(tf.where(valid, tf.abs(off_k), 0.0), axis=-1)
+    margin_k = _BOUND_MARGIN * (1.0 + tf.abs(scale) + off_scale)
+    bound_k = tf.reduce_min(first_corners, -1) + first_off - margin_k[:, None, None]
+    pairs_k = tf.cast(tf.where(valid[:, None, None, :] & (upper_k >= bound_k[..., None])),
+                      tf.int32)
+    pair_k_cell = (pairs_k[:, 0] * h + pairs_k[:, 1]) * w + pairs_k[:, 2]
+    mixed_k = _count(pair_k_cell, num_cells) > 1
+    # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the first slot's logit
+    # (kept logits exceed it by at most the offsets' spread, |log p̂| ≤ 69: no overflow).
+    lse = first_corners[..., 0] + tf.math.log(
+        tf.reduce_sum(tf.exp(low_k - first_corners[..., :1]), -1))  # [B, h, w]
+    lse_flat = tf.reshape(lse, [-1])
+    # Rounding slack of a confidence bound: values off by ≤ margin, sums by ≤ _SUM_SLACK.
+    slack = tf.exp(2.0 * margin_k) * (1.0 + _SUM_SLACK)  # [B]
+    # Cells with a unique ẑ (= first): S ≤ max over corners of exp(LSE_c − L_ẑ,c).
+    cell_bound = tf.exp(tf.reduce_max(tf.gather(lse_flat, cell_corner) - first_corners, -1))
+    sure = ((cell_bound * slack[:, None, None] * pixel_threshold < 1.0)
+            & (cell_bound < _HUGE))
+    may_keep = tf.reshape(may_keep, [batch, h, w])
+    open_cell = (tf.reshape(mixed, [batch, h, w])
+                 | (may_keep & (tf.reshape(mixed_k, [batch, h, w]) | ~sure)))
+    # Settled cells: dominant `top` throughout; confident with ẑ = first if a kept slot can
+    # dominate (then `top` is that kept slot), else void.
+    first_slot = tf.gather(index, first, batch_dims=1)
+    cell_code = ((tf.range(batch)[:, None, None] * n + top) * num_codes
+                 + tf.where(may_keep, 1 + first_slot, 0))
+    # Pixels of each cell inside the image (the last cell row/column has one row/column).
+    rows = (np.arange(h) * sy)[:, None, None, None] + np.arange(sy)[:, None]
+    cols = (np.arange(w) * sx)[None, :, None, None] + np.arange(sx)
+    inside_table = tf.constant(((rows < out_h) & (cols < out_w)).reshape(per_image, pixels))
+    # Output pixel -> (cell, pixel within the cell) in the [cells, s_y·s_x] layout.
+    pixel_map = tf.constant(
+        ((np.arange(out_h) // sy)[:, None] * w + (np.arange(out_w) // sx)[None, :]) * pixels
+        + (np.arange(out_h) % sy)[:, None] * sx + (np.arange(out_w) % sx)[None, :], tf.int32)
+
+    # Each pair costs ~20 float ops per output pixel of its cell; past ~N/8 pairs per cell the
+    # dense path (a few passes over [B, H, W, N]) is cheaper (measured at 641², N = 128).
+    limit = num_cells * n // 8 if max_pairs is None else max_pairs
+
+    def open_cells() -> tf.Tensor:
+        open_flat = tf.reshape(open_cell, [-1])
+        cells = tf.where(open_flat)[:, 0]
+        cells = tf.cast(cells, tf.int32)  # [Q]
+        num_open = tf.size(cells)
+        rank = tf.cumsum(tf.cast(open_flat, tf.int32), exclusive=True)  # cell -> row
+        cell_image = cells // per_image
+        # Dominant slot per pixel from the candidate pairs of open cells.
+        sel = tf.gather(open_flat, pair_cell)
+        d_cell, d_slot = tf.boolean_mask(pair_cell, sel), tf.boolean_mask(pair_slot, sel)
+        d_row = tf.gather(rank, d_cell)
+        value = _bilinear_cells(corners_of(flat, n, d_cell, d_slot), strides)  # [Pd, s]
+        best = _segment(tf.math.segment_max, value, d_row, num_open)
+        dominant = _segment(tf.math.segment_min, tf.where(
+            tf.equal(value, tf.gather(best, d_row)), d_slot[:, None], n), d_row, num_open)
+        dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
+        # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
+        sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
+        z_cell = tf.boolean_mask(pair_k_cell, sel)
+        z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
+        z_row = tf.gather(rank, z_cell)
+        z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
+        z_value = _bilinear_cells(z_corners, strides)
+        z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
+        z_scored = z_value + z_off
+        # (Open cells without kept candidates get 0s: their pixels are void anyway.)
+        best = _segment(tf.math.segment_max, z_scored, z_row, num_open)
+        chosen = _segment(tf.math.segment_min, tf.where(
+            tf.equal(z_scored, tf.gather(best, z_row)), z_pos[:, None], num_kept), z_row,
+            num_open)
+        is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
+        chosen_value = _segment(tf.math.segment_max, tf.where(is_chosen, z_value, -np.inf),
+                                z_row, num_open)
+        # Bounds of S = Σ_kept exp(v_k − v_ẑ): candidates' partial sum ≤ S ≤ Jensen bound.
+        lower = _segment(tf.math.segment_sum, tf.exp(z_value - tf.gather(chosen_value, z_row)),
+                         z_row, num_open)
+        # (Exponents capped at 80: bounds stay finite — an inf corner would interpolate to
+        # NaN — and above _HUGE, so never taken as decisive.)
+        z_lse = tf.gather(lse_flat, tf.gather(corner_cells, z_cell))
+        jensen = _bilinear_cells(tf.exp(tf.minimum(z_lse - z_corners, 80.0)), strides)
+        upper_s = _segment(tf.math.segment_max, tf.where(is_chosen, jensen, -np.inf), z_row,
+                           num_open)
+        cell_slack = tf.gather(slack, cell_image)[:, None]
+        bounded = (upper_s * cell_slack * pixel_threshold < 1.0) & (upper_s < _HUGE)
+        surely_not = lower * pixel_threshold > cell_slack
+        inside = tf.gather(inside_table, cells % per_image)
+        undecided = dominant_kept & inside & ~bounded & ~surely_not
+        exact_rows = tf.cast(tf.where(tf.reduce_any(undecided, -1))[:, 0], tf.int32)
+
+        def exact_confidence() -> tf.Tensor:
+            # All kept slots of the remaining cells: the confidence as `_kept_choice_dense`.
+            exact_cells = tf.gather(cells, exact_rows)
+            count = tf.size(exact_rows)
+            rep_cells = tf.repeat(exact_cells, num_kept)
+            rep_pos = tf.tile(tf.range(num_kept), [count])
+            value = tf.reshape(_bilinear_cells(corners_of(flat_k, num_kept, rep_cells,
+                                                          rep_pos), strides),
+                               [count, num_kept, pixels])
+            max_kept = tf.reduce_max(value, axis=1)  # [R, s]
+            kept_sum = tf.reduce_sum(tf.exp(value - max_kept[:, None]), axis=1)
+            pos = tf.gather(chosen, exact_rows)  # [R, s]
+            v_chosen = tf.reduce_max(tf.where(
+                tf.equal(tf.range(num_kept)[None, :, None], pos[:, None]), value, -np.inf), axis=1)
+            off = tf.gather(off_flat, (exact_cells // per_image * num_kept)[:, None] + pos)
+            conf = tf.exp((v_chosen + off) - off - max_kept) / kept_sum
+            return tf.tensor_scatter_nd_update(bounded, exact_rows[:, None],
+                                               conf > pixel_threshold)
+
+        confident = tf.cond(tf.size(exact_rows) > 0, exact_confidence, lambda: bounded)
+        chosen_slot = tf.gather(tf.reshape(index, [-1]), cell_image[:, None] * num_kept
+                                + chosen)
+        e = tf.where(dominant_kept, tf.where(confident, 1 + chosen_slot,
+                                             1 + n + chosen_slot), 0)
+        codes = (cell_image[:, None] * n + dominant) * num_codes + e
+        # Settled cells repeat their code; open cells get theirs per pixel (row scatter).
+        table = tf.tensor_scatter_nd_update(
+            tf.broadcast_to(tf.reshape(cell_code, [-1, 1]), [num_cells, pixels]),
+            cells[:, None], codes)
+        return tf.gather(tf.reshape(table, [batch, per_image * pixels]), pixel_map, axis=1)
+
+    num_pairs = tf.shape(pairs)[0] + tf.shape(pairs_k)[0]
+    return tf.cond(num_pairs <= limit, open_cells, dense_codes)
+
+
+def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.Tensor,
+                        is_thing: tf.Tensor, thing_limit: int, stuff_limit: int,
+                        label_divisor: int, label_offset: int, void_label: int
+                        ) -> dict[str, tf.Tensor]:
+    """Label maps from per-pixel codes: per-image tables over the codes, one gather each.
+
+    Areas: a thing segment is the confident pixels of one ẑ (code e = 1 + ẑ), a stuff
+    segment those of all ẑ of one stuff class; a segment below its limit becomes void.
+    """
+    batch = tf.shape(codes)[0]
+    num_slots = int(slot_class.shape[-1])
+    num_classes = int(is_thing.shape[0])
+    num_codes = 2 * num_slots + 1
+    total = batch * num_slots * num_codes
+    counts = _count(tf.reshape(codes, [-1]), total)
+    area = tf.reduce_sum(tf.reshape(counts, [batch, num_slots, num_codes]), 1)[
+        :, 1:1 + num_slots]  # [B, N] confident pixels per ẑ
+    slot_thing = tf.gather(is_thing, slot_class)  # [B, N]
+    class_id = tf.range(batch)[:, None] * num_classes + slot_class
+    stuff_area = tf.gather(tf.math.unsorted_segment_sum(
+        tf.where(slot_thing, 0, area), class_id, batch * num_classes), class_id)
+    survives = tf.where(slot_thing, area >= thing_limit, stuff_area >= stuff_limit)
+    slot_id = tf.range(1, num_slots + 1)[None, :] + tf.zeros_like(slot_class)
+    instance = tf.where(slot_thing & survives, slot_id, 0)
+    label = slot_class + label_offset
+    void = tf.fill(tf.shape(slot_class), void_label)
+    zero = tf.zeros_like(slot_class)
+
+    def per_code(void_value, confident, unconfident) -> tf.Tensor:  # [B, N] x3 -> [B, N, E]
+        table = tf.concat([void_value[:, :1], confident, unconfident], axis=1)
+        return tf.broadcast_to(table[:, None, :], [batch, num_slots, num_codes])
+
+    def lookup(table: tf.Tensor) -> tf.Tensor:
+        return tf.gather(tf.reshape(table, [-1]), codes)
+
+    return {
+        "panoptic": lookup(per_code(void, tf.where(survives, label * label_divisor + instance,
+                                                   void_label), void)),
+        "semantic": lookup(tf.broadcast_to((slot_class + label_offset)[:, :, None],
+                                           [batch, num_slots, num_codes])),
+        "instance": lookup(per_code(zero, instance, zero)),
+        "mask_id": lookup(per_code(zero, slot_id, slot_id)),
+        "class_confidence": lookup(per_code(tf.zeros_like(slot_conf), slot_conf, slot_conf)),
+    }
 
 
 def _validate(mask_logits: tf.Tensor, class_logits: tf.Tensor, is_thing: tf.Tensor,
@@ -238,21 +528,6 @@ def _validate(mask_logits: tf.Tensor, class_logits: tf.Tensor, is_thing: tf.Tens
                         ("pixel_threshold", pixel_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"postprocess: {name} must be in [0, 1], got {value}")
-
-
-def _segment_area(ids: tf.Tensor, valid: tf.Tensor, num_ids: int) -> tf.Tensor:
-    """Per pixel, the number of valid pixels of the same image carrying the same id.
-
-    ids, valid: [B, H, W]; ids in [0, num_ids). A segment sum over (image, id) pairs keeps
-    shapes static (XLA-friendly), unlike `tf.unique`/`bincount` with dynamic sizes.
-    """
-    batch = tf.shape(ids)[0]
-    offsets = tf.range(batch, dtype=tf.int32)[:, None, None] * num_ids
-    # Invalid pixels go to one extra trash segment so they count towards nothing.
-    trash = batch * num_ids
-    seg = tf.where(valid, ids + offsets, trash)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(seg), seg, trash + 1)
-    return tf.gather(counts, seg)
 
 
 def _slot_maps_static(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
@@ -294,78 +569,6 @@ def _slot_maps_static(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Ten
     else:
         # deeplab2: ẑ = argmax of the mask logits over kept slots, which is the dominant slot
         # wherever that one is kept; its confidence is exp(0) / Σ_kept.
-        mask_id = argmax_all
-        pixel_conf = 1.0 / kept_sum
-    return mask_id, argmax_all, dominant_kept, pixel_conf
-
-
-def _slot_maps_dynamic(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
-                       out_size: tuple[int, int], resize_method: str,
-                       weight_masks_by_class_confidence: bool
-                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Same values as `_slot_maps_static`, upsampling kept slots only (dynamic shapes).
-
-    Kept-slot maxima / sums / argmaxes equal the static path's (the upsampled values of a
-    channel do not depend on which other channels are resized with it); the normaliser's
-    summation order differs, so pixel confidences agree to float32 rounding.
-    """
-    num_slots = int(mask_logits.shape[-1])
-    h, w = mask_logits.shape[1], mask_logits.shape[2]
-    # Kept slots of each image in ascending slot order (ties -> lowest slot, as the static
-    # argmax), padded to the batch's largest kept count (≥ 1) with invalid entries.
-    order = tf.range(num_slots, dtype=tf.int32)
-    num_kept = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(kept, tf.int32), -1)), 1)
-    index = tf.math.top_k(-tf.where(kept, order, order + num_slots), k=num_kept).indices
-    valid = tf.gather(kept, index, batch_dims=1)  # [B, K]
-    # Padding entries get _NEG before upsampling (interpolating a constant is exact), so
-    # that they add exp(_NEG − max) = 0 below without another full-resolution pass.
-    low = tf.where(valid[:, None, None, :], tf.gather(mask_logits, index, axis=-1,
-                                                      batch_dims=1), _NEG)
-    logits = upsample_logits(low, out_size, resize_method)  # [B, H, W, K]
-    log_conf = tf.math.log(tf.maximum(slot_conf, 1e-30))  # [B, N]
-    log_conf_kept = tf.where(valid, tf.gather(log_conf, index, batch_dims=1), _NEG)
-
-    def dense_dominant() -> tuple[tf.Tensor, tf.Tensor]:
-        argmax = _argmax_full(mask_logits, out_size, resize_method)
-        return argmax, tf.zeros(tf.shape(argmax), tf.float32)
-
-    def dense_weighted() -> tuple[tf.Tensor, tf.Tensor]:
-        scored = logits + log_conf_kept[:, None, None, :]
-        best = tf.argmax(scored, axis=-1, output_type=tf.int32)
-        return (tf.gather(index, best, batch_dims=1),
-                tf.gather(scored, best[..., None], batch_dims=3)[..., 0])
-
-    use_cells = (resize_method == "align_corners" and h is not None and w is not None
-                 and (h, w) != out_size and _candidate_stride(h, out_size[0]) is not None
-                 and _candidate_stride(w, out_size[1]) is not None)
-    # The dominant slot over all N slots.
-    if (h, w) == out_size:
-        argmax_all = tf.argmax(mask_logits, axis=-1, output_type=tf.int32)
-    elif use_cells:
-        argmax_all, _ = _argmax_candidates(mask_logits, out_size, dense_dominant)
-    else:
-        argmax_all, _ = dense_dominant()
-    dominant_kept = tf.gather(kept, argmax_all, batch_dims=1)  # [B, H, W]
-
-    # Where the dominant slot is kept (the only pixels that matter) it is the kept-slot
-    # maximum: read its logit at its position among the kept slots instead of reducing.
-    position = tf.cumsum(tf.cast(kept, tf.int32), axis=-1, exclusive=True)  # slot -> k
-    position = tf.minimum(tf.gather(position, argmax_all, batch_dims=1), num_kept - 1)
-    max_kept = tf.gather(logits, position[..., None], batch_dims=3)  # [B, H, W, 1]
-    kept_sum = tf.squeeze(tf.matmul(tf.exp(logits - max_kept),
-                                    tf.cast(valid, tf.float32)[:, None, :, None]), -1)
-    kept_sum = tf.where(dominant_kept, kept_sum, 1.0)
-    if weight_masks_by_class_confidence:
-        # argmax over kept slots of logit + log p̂ (see `_slot_maps_static`), from the cell
-        # bounds when possible (no [B, H, W, K] pass), else densely on the kept logits.
-        if use_cells:
-            mask_id, chosen = _argmax_candidates(mask_logits, out_size, dense_weighted,
-                                                 offset=log_conf, allowed=kept)
-        else:
-            mask_id, chosen = dense_weighted()
-        chosen_rel = chosen - tf.gather(log_conf, mask_id, batch_dims=1) - max_kept[..., 0]
-        pixel_conf = tf.exp(chosen_rel) / kept_sum
-    else:
         mask_id = argmax_all
         pixel_conf = 1.0 / kept_sum
     return mask_id, argmax_all, dominant_kept, pixel_conf
@@ -413,10 +616,12 @@ def postprocess(
       weight_masks_by_class_confidence: True: ẑ = argmax_i p̂_i(ĉ_i)·m̂_i (paper §3.1);
         False: ẑ = argmax_i m̂_i over kept slots (deeplab2's "pixelwise" post-processing).
       resize_method: "align_corners" (deeplab2) or "half_pixel" (TF2 `tf.image.resize`).
-      dynamic_shapes: True: upsample only kept slots / candidate slots (data-dependent
+      dynamic_shapes: True: the cells or dense paths (module docstring; data-dependent
         shapes, faster); False: the static all-slot computation (XLA-compatible). None:
-        static inside ``tf.function(jit_compile=True)``, dynamic otherwise. Both give
-        the same maps (confidences equal up to float32 rounding).
+        static inside ``tf.function(jit_compile=True)``, dynamic otherwise. All give
+        the same maps; confidences agree up to float32 rounding of the kept-slot sum, so
+        a pixel whose confidence is within that rounding of ``pixel_threshold`` may be
+        kept by one and voided by another. Ties in either argmax go to the lowest slot.
 
     Returns:
       dict of
@@ -461,45 +666,44 @@ def postprocess(
     if dynamic_shapes is None:
         dynamic_shapes = not _in_xla_context()
     if dynamic_shapes and None not in out_size:
-        mask_id, argmax_all, dominant_kept, pixel_conf = _slot_maps_dynamic(
-            mask_logits, kept, slot_conf, out_size, resize_method,
-            weight_masks_by_class_confidence)
+        # ẑ ranks kept slots by logit + offset: argmax_i p̂_i·m̂_i = argmax_i (log p̂_i +
+        # logit_i) (paper), as m̂'s normaliser is shared by all slots of a pixel.
+        offset = (tf.math.log(tf.maximum(slot_conf, 1e-30))
+                  if weight_masks_by_class_confidence else tf.zeros_like(slot_conf))
+        index, valid = _kept_slots(kept)
+        h, w = mask_logits.shape[1], mask_logits.shape[2]
+        strides = (None if resize_method != "align_corners" or None in (h, w)
+                   or (h, w) == out_size else
+                   (_candidate_stride(h, out_size[0]), _candidate_stride(w, out_size[1])))
+
+        def dense() -> tuple[tf.Tensor, tf.Tensor]:
+            chosen, confidence = _kept_choice_dense(mask_logits, index, valid, offset,
+                                                    out_size, resize_method)
+            dominant = _argmax_full(mask_logits, out_size, resize_method)
+            return _pixel_codes(dominant, chosen, confidence, kept, pixel_threshold), confidence
+
+        if strides is None or None in strides:
+            codes, confidence = dense()
+        else:
+            codes = _cell_codes(mask_logits, kept, index, valid, offset, out_size, strides,
+                                pixel_threshold, lambda: dense()[0])
+            # Only for the pixel_confidence output: graphs that do not fetch it skip this.
+            confidence = _kept_choice_dense(mask_logits, index, valid, offset, out_size,
+                                            resize_method)[1]
     else:
-        mask_id, argmax_all, dominant_kept, pixel_conf = _slot_maps_static(
+        chosen, dominant, _, confidence = _slot_maps_static(
             mask_logits, kept, slot_conf, image_size, resize_method,
             weight_masks_by_class_confidence)
-    pixel_conf = tf.where(dominant_kept, pixel_conf, 0.0)
-    confident = dominant_kept & (pixel_conf > pixel_threshold)
-
-    pixel_class = tf.gather(slot_class, mask_id, batch_dims=1)  # [B, H, W]
-    pixel_is_thing = tf.gather(is_thing, pixel_class)
-    thing = confident & pixel_is_thing
-    stuff = confident & tf.logical_not(pixel_is_thing)
+        codes = _pixel_codes(dominant, chosen, confidence, kept, pixel_threshold)
 
     h_w = (int(out_size[0]), int(out_size[1]))
-    thing_limit = scaled_area_limit(thing_area_limit, h_w, area_limit_reference_size)
-    stuff_limit = scaled_area_limit(stuff_area_limit, h_w, area_limit_reference_size)
-    if thing_limit > 0:
-        thing &= _segment_area(mask_id, thing, num_slots) >= thing_limit
-    if stuff_limit > 0:
-        stuff &= _segment_area(pixel_class, stuff, num_classes) >= stuff_limit
-
-    label = pixel_class + label_offset
-    instance = tf.where(thing, mask_id + 1, 0)
-    panoptic = tf.where(thing | stuff, label * label_divisor + instance, void_label)
-
-    # Dense semantic map: the same rule with both thresholds at 0 (every slot kept), i.e.
-    # the class of the dominant slot.
-    semantic = tf.gather(slot_class, argmax_all, batch_dims=1) + label_offset
-
-    return {
-        "panoptic": panoptic,
-        "semantic": semantic,
-        "instance": instance,
-        "mask_id": tf.where(dominant_kept, mask_id + 1, 0),
-        "pixel_confidence": pixel_conf,
-        "class_confidence": tf.where(dominant_kept,
-                                     tf.gather(slot_conf, mask_id, batch_dims=1), 0.0),
-        "segment_scores": tf.where(kept, slot_conf, 0.0),
-        "segment_classes": slot_class + label_offset,
-    }
+    result = _outputs_from_codes(
+        codes, slot_class, slot_conf, is_thing,
+        scaled_area_limit(thing_area_limit, h_w, area_limit_reference_size),
+        scaled_area_limit(stuff_area_limit, h_w, area_limit_reference_size),
+        label_divisor, label_offset, void_label)
+    dominant_kept = codes % (2 * num_slots + 1) > 0
+    result["pixel_confidence"] = tf.where(dominant_kept, confidence, 0.0)
+    result["segment_scores"] = tf.where(kept, slot_conf, 0.0)
+    result["segment_classes"] = slot_class + label_offset
+    return result
