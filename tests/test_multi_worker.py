@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -239,3 +240,53 @@ def test_two_workers_train_in_lock_step_cli(tmp_path):
     assert not (chief["model_dir"] / "workertemp_0").exists()
 
     _assert_same_checkpoints(chief_ckpt, other_ckpt, STEPS)
+
+
+@pytest.mark.slow
+def test_preemption_notice_saves_and_resume_continues(tmp_path):
+    """SIGTERM to one worker (a preemption notice): both workers save a checkpoint at the
+    step they agree on through `PreemptionCheckpointHandler` and exit; a new run resumes
+    from that step. No periodic checkpoint falls in the interrupted run."""
+    script = tmp_path / "worker.py"
+    script.write_text(STANDIN_WORKER.format(tests=os.path.join(REPO, "tests")).replace(
+        "checkpoint_every=2", "checkpoint_every=10000"))
+    model_dir = tmp_path / "run"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs, outs = [], []
+    for index in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
+        out = tmp_path / f"preempted{index}.out"
+        outs.append(out)
+        with open(out, "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), str(model_dir), "5000"], cwd=REPO, env=env,
+                stdout=f, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + STANDIN_TIMEOUT_S
+        while time.time() < deadline and len(PROGRESS.findall(outs[1].read_text())) < 5:
+            assert all(p.poll() is None for p in procs), _tail(outs[0]) + _tail(outs[1])
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=STANDIN_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    report = "\n".join(_tail(o) for o in outs)
+    # Preempted workers exit (TensorFlow's default preemption exit code is 42), not finish.
+    assert all(c != 0 for c in codes), report
+    saved = tf.train.latest_checkpoint(str(model_dir))
+    assert saved is not None, report
+    step = int(tf.train.load_checkpoint(saved).get_tensor(
+        "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+    last_logged = max(int(p[0]) for p in PROGRESS.findall(outs[0].read_text()))
+    assert 5 <= step < 5000 and step >= last_logged, report
+    assert saved == str(model_dir / f"ckpt-{step}")
+    # The next run starts right after the saved step.
+    command = [sys.executable, str(script), str(model_dir), str(step + 2)]
+    chief, _ = _run_workers(tmp_path, "after_preemption", lambda index: command,
+                            STANDIN_TIMEOUT_S)
+    assert [int(p[0]) for p in chief["progress"]] == [step + 1, step + 2], chief["report"]

@@ -226,7 +226,11 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
     handler = _preemption_handler(strategy, manager) if training else None
     if handler is not None:
         # After each train loop: on a preemption notice, save now and exit the process.
-        train_actions.append(lambda _outputs: handler.save_checkpoint_if_preempted())
+        # check_interval=False: the manager would otherwise skip a save that falls between
+        # two periodic checkpoints, and the steps since the last one would be lost. Named by
+        # the step like the periodic ones (not by the save counter, which could collide).
+        train_actions.append(lambda _outputs: handler.save_checkpoint_if_preempted(
+            checkpoint_number=int(global_step.numpy()), check_interval=False))
     steps_per_loop = _steps_per_loop(int(opts["steps_per_loop"]), checkpoint_every)
     controller = orbit.Controller(
         strategy=strategy, trainer=trainer, evaluator=evaluator, global_step=global_step,
