@@ -202,10 +202,14 @@ class RAdam(tfk.optimizers.Optimizer):
         m_hat = m_t / tf.cast(one_minus_beta_1_power, dtype)
         v_hat = tf.sqrt(v_t / tf.cast(one_minus_beta_2_power, dtype))
         if not self.rectify:
-            step = m_hat / (v_hat + self.epsilon)
-        else:
-            step = tf.where(use_adaptive, r_t * m_hat / (v_hat + self.epsilon), m_hat)
-        return variable.assign_sub(lr * step, read_value=False)
+            return variable.assign_sub(lr * m_hat / (v_hat + self.epsilon), read_value=False)
+        # A scalar predicate: tf.cond runs one branch (a tf.where over every weight would
+        # compute both, a full pass over the model's size per step).
+        return tf.cond(
+            use_adaptive,
+            lambda: variable.assign_sub(lr * r_t * m_hat / (v_hat + self.epsilon),
+                                        read_value=False),
+            lambda: variable.assign_sub(lr * m_hat, read_value=False))
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -298,12 +302,16 @@ class Lookahead(tfk.optimizers.Optimizer):
         def sync_fn(fast: tf.Variable, slow: tf.Variable) -> None:
             previous = ([chain[0]] if chain[0] is not None and not tf.executing_eagerly()
                         else [])
-            with tf.control_dependencies(previous):
+            def synchronise() -> tf.Operation:
                 new_slow = slow + alpha * (fast - slow)
-                slow_update = slow.assign(tf.where(sync, new_slow, slow), read_value=False)
-                fast_update = fast.assign(tf.where(sync, new_slow, fast), read_value=False)
+                return tf.group(slow.assign(new_slow, read_value=False),
+                                fast.assign(new_slow, read_value=False))
+
+            with tf.control_dependencies(previous):
+                # Only every k-th step touches the weights (tf.cond on the scalar `sync`).
+                done = tf.cond(sync, synchronise, tf.no_op)
             if getattr(self._optimizer, "serialize_updates", False):
-                chain[0] = tf.group(slow_update, fast_update)
+                chain[0] = done
 
         for variable in variables:
             slow = self._slow[self._index_dict[self._var_key(variable)]]
