@@ -85,11 +85,11 @@ def load_initial_checkpoint(model: tfk.Model, path: str) -> int:
     if hasattr(model, "checkpoint_items"):
         roots.append(model.checkpoint_items)
     # The key layout (ours or the reference's) under which most model variables are found.
-    wanted_any = checkpoint_keys(roots[0])
-    best = max((match_keys(checkpoint_keys(root), available) for root in roots),
+    layouts = [checkpoint_keys(root) for root in roots]
+    best = max((match_keys(keys, available) for keys in layouts),
                key=lambda m: len(m.found) + len(m.wrong_shape))
     if not best.found and not best.wrong_shape:
-        ours = sorted(wanted_any)[:5]
+        ours = sorted(layouts[0])[:5]
         theirs = sorted(k for k in available if not k.startswith("_CHECKPOINTABLE"))[:5]
         raise ValueError(
             f"initial checkpoint {prefix} has no variable matching the model. Model keys "
