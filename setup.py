@@ -19,6 +19,7 @@ setup(
         "numpy",
         "pillow",
         "pyspng>=0.1.4",
+        "kornia-rs>=0.2,<0.3",
         "pycocotools",
     ],
     extras_require={

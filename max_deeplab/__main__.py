@@ -7,6 +7,7 @@ pay for importing TensorFlow.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # verb -> (module, one-line help). Only verbs that exist are listed.
@@ -35,6 +36,13 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a verb. `argv=None` means "this is the process's program" (console script,
+    `python -m max_deeplab`): then a verb whose module sets `EXIT_WITHOUT_TEARDOWN = True`
+    ends the process right after its output is flushed, skipping the interpreter's teardown
+    (module and object finalisation, ~30 ms with numpy loaded, ~6% of `pq`'s benchmarked run).
+    A verb may set it only if it holds nothing that needs finalising at exit: files closed,
+    child processes reaped, no atexit work."""
+    program = argv is None
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
@@ -45,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(VERBS[verb][0])
     # The verb sees argv[0] as "max-deeplab <verb>" so absl/argparse usage lines read right.
-    result = module.main([f"max-deeplab {verb}", *argv[2:]])
-    return int(result or 0)
+    code = int(module.main([f"max-deeplab {verb}", *argv[2:]]) or 0)
+    if program and getattr(module, "EXIT_WITHOUT_TEARDOWN", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -312,6 +312,28 @@ def test_missing_flags_is_a_usage_error(capsys):
     assert "--gt_dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num_workers", "0"], "--num_workers: expected an integer >= 1, got 0"),
+    (["--num_workers=two"], "expected an integer >= 1, got 'two'"),
+    (["--gt_jsn", "x.json"], "unrecognized arguments: --gt_jsn"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(capsys, argv, message):
+    assert pq_cli.main(["max-deeplab pq", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_and_flag_spellings(crafted, capsys):
+    assert pq_cli.main(["max-deeplab pq", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--pred_dir" in out and "--gt_dir panoptic_val/ \\\n" in out
+    argv = ["max-deeplab pq", "--num_workers=1"] + [f"--{k}={v}" for k, v in crafted.items()]
+    assert pq_cli.main(argv + ["--per_class"]) == 0
+    with_classes = capsys.readouterr().out
+    assert pq_cli.main(argv + ["--per_class", "--noper_class"]) == 0
+    without = capsys.readouterr().out
+    assert "person" in with_classes and "person" not in without
+
+
 def test_rgba_pngs_read_like_the_reference_and_gray_pngs_rejected(crafted, capsys):
     expected = pq_compute(**crafted, num_workers=1)
     # RGBA: the alpha channel is ignored, as by the reference evaluator.
@@ -374,10 +396,17 @@ def test_png_variants_decode_to_the_ids_pillow_reads(tmp_path, depth, channels, 
     np.testing.assert_array_equal(expected, _png_ids(str(path)))  # what the reference reads
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 3), (2, 3), (7, 5), (16, 16)])
-def test_pair_runs_match_a_direct_computation(shape):
+@pytest.mark.parametrize("shape,block", [
+    ((1, 1), None), ((1, 2), None), ((1, 3), None), ((2, 3), None), ((7, 5), None),
+    ((16, 16), None),
+    # Blocks of a few pixels: runs that cross block boundaries, a last block of one pixel.
+    ((7, 5), 1), ((7, 5), 2), ((7, 5), 5), ((16, 16), 17), ((16, 16), 255)])
+def test_pair_runs_match_a_direct_computation(shape, block, monkeypatch):
+    from max_deeplab.evaluation import coco_panoptic
     from max_deeplab.evaluation.coco_panoptic import pair_runs
 
+    if block is not None:
+        monkeypatch.setattr(coco_panoptic, "_RUN_BLOCK_PIXELS", block)
     rng = np.random.default_rng(shape[0] * 100 + shape[1])
     # Few distinct ids, some differing in one byte only (R, G or B), so runs form and every
     # byte position can be the only one that changes.

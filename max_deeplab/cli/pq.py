@@ -1,6 +1,6 @@
 """`max-deeplab pq`: panoptic quality of COCO-panoptic predictions (COCO evaluator semantics).
 
-    max-deeplab pq --gt_json panoptic_val.json --gt_dir panoptic_val/ \
+    max-deeplab pq --gt_json panoptic_val.json --gt_dir panoptic_val/ \\
         --pred_json predictions.json --pred_dir predictions/ [--output metrics.json]
 
 Prints the All / Things / Stuff table (PQ, SQ, RQ in %, N = categories counted) and writes
@@ -11,27 +11,48 @@ No TensorFlow is imported by this verb.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import sys
 import time
 
-from absl import flags
+# See max_deeplab.__main__.main: this verb writes its metrics atomically and reaps its
+# workers before returning, so the interpreter's teardown can be skipped when it is the program.
+EXIT_WITHOUT_TEARDOWN = True
 
-from max_deeplab.cli.flag_parsing import parse_flags
 
-flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (with 'categories').",
-                    allow_override=True)
-flags.DEFINE_string("gt_dir", None, "Directory of ground-truth panoptic PNGs.", allow_override=True)
-flags.DEFINE_string("pred_json", None, "Prediction COCO panoptic JSON.", allow_override=True)
-flags.DEFINE_string("pred_dir", None, "Directory of prediction panoptic PNGs.", allow_override=True)
-flags.DEFINE_string("output", None, "Optional path of the metrics JSON to write.",
-                    allow_override=True)
-flags.DEFINE_integer("num_workers", None, "Worker processes (default: the usable CPU cores; "
-                     "1 = evaluate in this process).", lower_bound=1, allow_override=True)
-flags.DEFINE_boolean("per_class", False, "Also print the per-class PQ / SQ / RQ table.",
-                     allow_override=True)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    """This verb's flags. argparse rather than absl.flags like the other verbs: importing
+    absl.flags costs ~25 ms, ~5% of the whole benchmarked run (`benchmarks/bench_pq.py`);
+    the spelling (--flag value, --flag=value, --per_class / --noper_class) is the same."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)
+    parser.add_argument("--gt_json", help="Ground-truth COCO panoptic JSON (with 'categories').")
+    parser.add_argument("--gt_dir", help="Directory of ground-truth panoptic PNGs.")
+    parser.add_argument("--pred_json", help="Prediction COCO panoptic JSON.")
+    parser.add_argument("--pred_dir", help="Directory of prediction panoptic PNGs.")
+    parser.add_argument("--output", help="Optional path of the metrics JSON to write.")
+    parser.add_argument("--num_workers", type=_positive_int, default=None,
+                        help="Worker processes (default: the usable CPU cores; 1 = evaluate "
+                        "in this process).")
+    parser.add_argument("--per_class", action=argparse.BooleanOptionalAction, default=False,
+                        help="Also print the per-class PQ / SQ / RQ table.")
+    parser.add_argument("--noper_class", dest="per_class", action="store_false",
+                        help=argparse.SUPPRESS)
+    return parser
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -97,10 +118,13 @@ def _freed_memory_kept():
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
-        return 0
-    FLAGS = flags.FLAGS
-    missing = [n for n in ("gt_json", "gt_dir", "pred_json", "pred_dir") if not FLAGS[n].value]
+    parser = _parser(argv[0])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    missing = [n for n in ("gt_json", "gt_dir", "pred_json", "pred_dir")
+               if not getattr(args, n)]
     if missing:
         print(f"{argv[0]}: missing required flag(s): "
               + ", ".join(f"--{n}" for n in missing), file=sys.stderr)
@@ -117,18 +141,18 @@ def main(argv: list[str]) -> int:
     try:
         with _freed_memory_kept():
             jobs, category_ids, is_thing, names = build_jobs(
-                FLAGS.gt_json, FLAGS.gt_dir, FLAGS.pred_json, FLAGS.pred_dir)
-            result = compute_stats(jobs, category_ids, is_thing, FLAGS.num_workers).summarize()
+                args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+            result = compute_stats(jobs, category_ids, is_thing, args.num_workers).summarize()
     except PanopticEvalError as e:
         print(f"{argv[0]}: error: {e}", file=sys.stderr)
         return 1
-    print(format_table(result, names if FLAGS.per_class else None))
+    print(format_table(result, names if args.per_class else None))
     print(f"{len(jobs)} images evaluated in {time.perf_counter() - start:.2f} s")
-    if FLAGS.output:
+    if args.output:
         try:
-            _write_json(FLAGS.output, result)
+            _write_json(args.output, result)
         except OSError as e:
-            print(f"{argv[0]}: error: cannot write --output {FLAGS.output}: {e}", file=sys.stderr)
+            print(f"{argv[0]}: error: cannot write --output {args.output}: {e}", file=sys.stderr)
             return 1
-        print(f"metrics written to {FLAGS.output}")
+        print(f"metrics written to {args.output}")
     return 0

@@ -6,8 +6,9 @@ Inputs are the COCO panoptic format: a JSON with `annotations` (one per image: `
 (0 = void). The numbers equal the COCO reference evaluator's (panopticapi `pq_compute`,
 see `pq_core` for the rules), but the per-image work is vectorised:
 
-- each PNG is decoded once by libspng (pyspng, 3-4x faster than Pillow on COCO-like PNGs)
-  into R, G, B bytes;
+- each PNG is decoded once into R, G, B bytes: 8-bit RGB / RGBA (COCO's PNGs) by the Rust
+  `png` crate through kornia-rs (~5x faster than Pillow, ~1.6x faster than libspng on
+  COCO-like PNGs: faster inflate and SIMD unfiltering), other depths by libspng (pyspng);
 - the two maps are cut into runs of equal (GT id, prediction id) pairs in raster order with
   byte-wise compares (`pair_runs`), ids are assembled only at run starts, mapped to segment
   indices by binary search over the JSON ids, and the
@@ -31,9 +32,10 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The decoders are imported here, before any worker is forked, so the workers do not each
+# pay for it.
+import kornia_rs
 import numpy as np
-
-# Imported here, before any worker is forked, so the workers do not each pay for it.
 import pyspng
 
 from max_deeplab.evaluation.pq_core import PQStats
@@ -229,15 +231,20 @@ def read_png_rgb(path: str) -> np.ndarray:
         raise PanopticEvalError(f"cannot read PNG {path}: {e}") from None
     if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
         raise PanopticEvalError(f"cannot decode PNG {path}: not a PNG file")
-    color_type = data[25]
+    bit_depth, color_type = data[24], data[25]
     if color_type not in _RGB_COLOR_TYPES:
         kind = _OTHER_COLOR_TYPES.get(color_type, f"unknown colour type {color_type}")
         raise PanopticEvalError(f"PNG {path} is {kind}; expected an RGB panoptic PNG [H, W, 3] "
                                 "with id = R + 256 G + 256^2 B")
     _check_png_chunks(data, path)
     try:
+        if bit_depth == 8:
+            size = (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"))
+            if color_type == 2:
+                return kornia_rs.io.decode_image_png_u8(data, size, "rgb")
+            return kornia_rs.io.decode_image_png_u8(data, size, "rgba")[..., :3]
         return pyspng.load(data, "RGB")
-    except RuntimeError as e:
+    except Exception as e:  # pyspng raises RuntimeError, kornia-rs a plain Exception
         raise PanopticEvalError(f"cannot decode PNG {path}: {e}") from None
 
 
@@ -252,30 +259,40 @@ def _pixel_ids(rgb: np.ndarray, index: np.ndarray) -> np.ndarray:
     return ids
 
 
+# Pixels per block of `pair_runs`: the block's byte temporaries (~100 KB each) stay in the
+# L2 cache instead of streaming ~1 MB arrays through memory (~20% faster at 480x640).
+_RUN_BLOCK_PIXELS = 1 << 15
+
+
 def pair_runs(gt_rgb: np.ndarray, pred_rgb: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cuts two equally sized RGB maps into runs of equal (GT id, prediction id) in raster order.
 
     Returns (start, length, GT id, prediction id) per run. Panoptic maps are piecewise
     constant, so runs are ~50x fewer than pixels and the later per-run work is small. The
-    pixel work stays on bytes: one vectorised compare of each map with itself shifted by one
-    pixel, OR-ed, then "any of a pixel's 3 byte flags" as one compare of a strided uint32 view
-    (the word starting one byte before the pixel's flags is >= 256 iff one of them is set).
-    Ids are assembled only at run starts.
+    pixel work stays on bytes, block by block: each map XOR-ed with itself shifted by one
+    pixel and the two OR-ed (a non-zero byte: that byte of the pixel differs from the
+    previous pixel's in either map; uint8 XOR/OR beat not-equal into booleans), then "any of
+    a pixel's 3 bytes set" as one compare of a strided uint32 view (the word whose top 3
+    bytes are the pixel's is >= 256 iff one of them is non-zero). Ids are assembled only at
+    run starts.
     """
     gt, pred = gt_rgb.reshape(-1), pred_rgb.reshape(-1)
     n = gt.size // 3
     change = np.empty(n, bool)
     change[:1] = True
-    if n > 1:
-        flags = np.not_equal(gt[3:], gt[:-3])  # flags[3 (i - 1) + c]: byte c of pixel i changed
-        flags |= pred[3:] != pred[:-3]
-        change[1] = flags[:3].any()
-        if n > 2:
-            # uint32 words at byte offsets 2, 5, 8, ...: word k holds pixel k + 2's three
-            # flags in its top 3 bytes (and pixel k + 1's last flag in its low byte).
-            words = np.ndarray((n - 2,), "<u4", flags, 2, (3,))
-            np.greater_equal(words, 256, out=change[2:])
+    block = min(n, _RUN_BLOCK_PIXELS)
+    # diff[0] is a zero pad so that word k (bytes 3k .. 3k + 3) has pixel k's bytes on top.
+    diff = np.zeros(3 * block + 1, np.uint8)
+    scratch = np.empty(3 * block, np.uint8)
+    for first in range(1, n, block):
+        last = min(n, first + block)
+        lo, hi, size = 3 * first, 3 * last, 3 * (last - first)
+        d = diff[1:1 + size]
+        np.bitwise_xor(gt[lo:hi], gt[lo - 3:hi - 3], out=d)
+        d |= np.bitwise_xor(pred[lo:hi], pred[lo - 3:hi - 3], out=scratch[:size])
+        words = np.ndarray((last - first,), "<u4", diff, 0, (3,))
+        np.greater_equal(words, 256, out=change[first:last])
     starts = np.flatnonzero(change)
     lengths = np.empty_like(starts)
     np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
