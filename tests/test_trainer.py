@@ -399,3 +399,28 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
     assert np.mean(plain_map == jit_map) > 0.999
     for name in ("losses/total", "PQ", "SQ", "RQ"):
         assert jit_logs[name] == pytest.approx(plain_logs[name], rel=1e-4, abs=1e-6), name
+
+
+def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
+    seen = []
+
+    def model_fn():
+        seen.append(tfk.mixed_precision.global_policy().name)
+        raise RuntimeError("stop after the model build")
+
+    before = tfk.mixed_precision.global_policy().name
+    with pytest.raises(RuntimeError, match="stop after the model build"):
+        run_experiment(
+            mode="train", model_dir=str(tmp_path),
+            strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
+            loss_fn_factory=lambda strategy: standin_loss,
+            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            train_dataset_fn=lambda ctx, batch: dataset_fn(batch, None)(ctx),
+            options=dict(total_steps=2, mixed_precision="bfloat16"), print_fn=lambda line: None)
+    assert seen == ["mixed_bfloat16"]
+    # Restored even though the run failed: later models in this process are float32 again.
+    assert tfk.mixed_precision.global_policy().name == before == "float32"
+    with pytest.raises(ValueError, match="mixed_precision must be 'bfloat16'"):
+        run_experiment(mode="train", model_dir=str(tmp_path), strategy=None, model_fn=model_fn,
+                       loss_fn_factory=None, optimizer_fn=None,
+                       options=dict(mixed_precision="float16"))

@@ -95,8 +95,11 @@ def _freed_memory_kept():
     glibc's defaults blocks that large are mmap-ed or trimmed on free, so each image touches
     fresh pages again: ~90k page faults for 120 COCO-sized pairs, a quarter of the run time.
     Serving blocks < 32 MiB from the heap and keeping up to 256 MiB of it free cuts that to
-    ~7k. The settings are process-wide, so they are put back to glibc's defaults on exit (for
-    callers of `main` in a longer-lived process); a no-op off glibc.
+    ~7k. The settings are process-wide, so on exit both thresholds go back to glibc's default
+    values (for callers of `main` in a longer-lived process). glibc has no call to re-enable
+    its dynamic mmap threshold (which raises the threshold as large blocks are freed), so such
+    a caller keeps the fixed 128 KiB threshold: larger blocks are mmap-ed, which costs speed,
+    not memory. A no-op off glibc.
     """
     mallopt = None
     if sys.platform.startswith("linux"):

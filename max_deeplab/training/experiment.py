@@ -18,6 +18,7 @@ chief's latest checkpoint in `model_dir`, so no two processes write the same pat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -156,109 +157,124 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     opts = dict(experiment_options())
     opts.update(options or {})
-    if opts["mixed_precision"]:
-        if opts["mixed_precision"] != "bfloat16":
-            raise ValueError(f"mixed_precision must be 'bfloat16' or empty, got "
-                             f"{opts['mixed_precision']!r}")
-        tfk.mixed_precision.set_global_policy("mixed_bfloat16")
-    total_steps = int(opts["total_steps"])
-    training = mode in ("train", "train_and_eval")
-    evaluating = mode != "train"
-    if training and train_dataset_fn is None:
-        raise ValueError(f"--mode={mode} needs training data (--train_data)")
-    if evaluating and eval_dataset_fn is None:
-        raise ValueError(f"--mode={mode} needs evaluation data (--eval_data)")
+    if opts["mixed_precision"] and opts["mixed_precision"] != "bfloat16":
+        raise ValueError(f"mixed_precision must be 'bfloat16' or empty, got "
+                         f"{opts['mixed_precision']!r}")
+    # The policy applies to what is built during this run only: a model built afterwards in
+    # the same process (tests, notebooks, export after training) gets the previous one.
+    with _global_dtype_policy("mixed_bfloat16" if opts["mixed_precision"] else None):
+        total_steps = int(opts["total_steps"])
+        training = mode in ("train", "train_and_eval")
+        evaluating = mode != "train"
+        if training and train_dataset_fn is None:
+            raise ValueError(f"--mode={mode} needs training data (--train_data)")
+        if evaluating and eval_dataset_fn is None:
+            raise ValueError(f"--mode={mode} needs evaluation data (--eval_data)")
 
-    with strategy.scope():
-        model = model_fn()
-        loss_fn = loss_fn_factory(strategy)
-        optimizer = optimizer_fn(total_steps)
-        global_step = orbit.utils.create_global_step()
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                         global_step=global_step)
-
-    write_dir = worker_write_dir(strategy, model_dir)
-    trainer = evaluator = None
-    if training:
-        batch = int(opts["train_batch_size"])
-        dataset = orbit.utils.make_distributed_dataset(
-            strategy, lambda input_context: train_dataset_fn(input_context, batch))
-        trainer = Trainer(strategy, model, loss_fn, optimizer, dataset, global_step, batch,
-                          total_steps, jit_compile=opts["jit_compile"], print_fn=print_fn)
-    else:
         with strategy.scope():
-            optimizer.build(model.trainable_variables)
-    if evaluating:
-        batch = int(opts["eval_batch_size"])
-        dataset = orbit.utils.make_distributed_dataset(
-            strategy, lambda input_context: eval_dataset_fn(input_context, batch))
-        evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
-                              postprocess_fn, global_step, label_divisor=label_divisor,
-                              image_summary_dir=os.path.join(write_dir, "eval_images"),
-                              jit_compile=opts["jit_compile"])
+            model = model_fn()
+            loss_fn = loss_fn_factory(strategy)
+            optimizer = optimizer_fn(total_steps)
+            global_step = orbit.utils.create_global_step()
+            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                             global_step=global_step)
 
-    init_fn = None
-    if opts["initial_checkpoint"] and training:
-        scope = opts["initial_checkpoint_scope"]
-        if scope == "backbone":
-            from max_deeplab.training.initial_checkpoint import load_backbone_checkpoint
-
-            init_fn = lambda: load_backbone_checkpoint(model, opts["initial_checkpoint"],
-                                                       print_fn=print_fn)
-        elif scope == "all":
-            init_fn = lambda: load_initial_checkpoint(model, opts["initial_checkpoint"])
+        write_dir = worker_write_dir(strategy, model_dir)
+        trainer = evaluator = None
+        if training:
+            batch = int(opts["train_batch_size"])
+            dataset = orbit.utils.make_distributed_dataset(
+                strategy, lambda input_context: train_dataset_fn(input_context, batch))
+            trainer = Trainer(strategy, model, loss_fn, optimizer, dataset, global_step, batch,
+                              total_steps, jit_compile=opts["jit_compile"], print_fn=print_fn)
         else:
-            raise ValueError(f"initial_checkpoint_scope must be 'backbone' or 'all', got "
-                             f"{scope!r}")
-    checkpoint_every = int(opts["checkpoint_every"])
-    if training and write_dir != model_dir:
-        # A non-chief worker: what an earlier run left in its scratch is never resumed.
-        if tf.io.gfile.exists(write_dir):
-            tf.io.gfile.rmtree(write_dir)
-        manager = _NonChiefCheckpointManager(
-            checkpoint, model_dir, directory=write_dir, max_to_keep=1,
-            step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
-    else:
-        manager = tf.train.CheckpointManager(
-            checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
-            step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
-    train_actions = []
-    handler = _preemption_handler(strategy, manager) if training else None
-    if handler is not None:
-        # After each train loop: on a preemption notice, save now and exit the process.
-        # check_interval=False: the manager would otherwise skip a save that falls between
-        # two periodic checkpoints, and the steps since the last one would be lost. Named by
-        # the step like the periodic ones (not by the save counter, which could collide).
-        train_actions.append(lambda _outputs: handler.save_checkpoint_if_preempted(
-            checkpoint_number=int(global_step.numpy()), check_interval=False))
-    steps_per_loop = _steps_per_loop(int(opts["steps_per_loop"]), checkpoint_every)
-    controller = orbit.Controller(
-        strategy=strategy, trainer=trainer, evaluator=evaluator, global_step=global_step,
-        steps_per_loop=steps_per_loop if training else None,
-        checkpoint_manager=manager, train_actions=train_actions,
-        summary_dir=os.path.join(write_dir, "train") if training else None,
-        summary_interval=steps_per_loop if training else None,
-        eval_summary_dir=os.path.join(write_dir, "eval") if evaluating else None)
+            with strategy.scope():
+                optimizer.build(model.trainable_variables)
+        if evaluating:
+            batch = int(opts["eval_batch_size"])
+            dataset = orbit.utils.make_distributed_dataset(
+                strategy, lambda input_context: eval_dataset_fn(input_context, batch))
+            evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
+                                  postprocess_fn, global_step, label_divisor=label_divisor,
+                                  image_summary_dir=os.path.join(write_dir, "eval_images"),
+                                  jit_compile=opts["jit_compile"])
 
-    result = None
-    if mode == "train":
-        controller.train(steps=total_steps)
-    elif mode == "train_and_eval":
-        result = controller.train_and_evaluate(
-            train_steps=total_steps, eval_steps=int(opts["eval_steps"]),
-            eval_interval=int(opts["eval_interval"] or checkpoint_every))
-    elif mode == "eval":
-        if manager.latest_checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint to evaluate in {model_dir}")
-        result = controller.evaluate(steps=int(opts["eval_steps"]))
-    else:
-        timeout = opts["continuous_eval_timeout"]
-        result = controller.evaluate_continuously(
-            steps=int(opts["eval_steps"]), timeout=timeout,
-            timeout_fn=lambda: int(global_step.numpy()) >= total_steps)
-    if evaluator is not None and evaluator.last_result is not None:
-        _write_metrics(write_dir, int(global_step.numpy()), evaluator.last_result)
-    return result
+        init_fn = None
+        if opts["initial_checkpoint"] and training:
+            scope = opts["initial_checkpoint_scope"]
+            if scope == "backbone":
+                from max_deeplab.training.initial_checkpoint import load_backbone_checkpoint
+
+                init_fn = lambda: load_backbone_checkpoint(model, opts["initial_checkpoint"],
+                                                           print_fn=print_fn)
+            elif scope == "all":
+                init_fn = lambda: load_initial_checkpoint(model, opts["initial_checkpoint"])
+            else:
+                raise ValueError(f"initial_checkpoint_scope must be 'backbone' or 'all', got "
+                                 f"{scope!r}")
+        checkpoint_every = int(opts["checkpoint_every"])
+        if training and write_dir != model_dir:
+            # A non-chief worker: what an earlier run left in its scratch is never resumed.
+            if tf.io.gfile.exists(write_dir):
+                tf.io.gfile.rmtree(write_dir)
+            manager = _NonChiefCheckpointManager(
+                checkpoint, model_dir, directory=write_dir, max_to_keep=1,
+                step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
+        else:
+            manager = tf.train.CheckpointManager(
+                checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
+                step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
+        train_actions = []
+        handler = _preemption_handler(strategy, manager) if training else None
+        if handler is not None:
+            # After each train loop: on a preemption notice, save now and exit the process.
+            # check_interval=False: the manager would otherwise skip a save that falls between
+            # two periodic checkpoints, and the steps since the last one would be lost. Named by
+            # the step like the periodic ones (not by the save counter, which could collide).
+            train_actions.append(lambda _outputs: handler.save_checkpoint_if_preempted(
+                checkpoint_number=int(global_step.numpy()), check_interval=False))
+        steps_per_loop = _steps_per_loop(int(opts["steps_per_loop"]), checkpoint_every)
+        controller = orbit.Controller(
+            strategy=strategy, trainer=trainer, evaluator=evaluator, global_step=global_step,
+            steps_per_loop=steps_per_loop if training else None,
+            checkpoint_manager=manager, train_actions=train_actions,
+            summary_dir=os.path.join(write_dir, "train") if training else None,
+            summary_interval=steps_per_loop if training else None,
+            eval_summary_dir=os.path.join(write_dir, "eval") if evaluating else None)
+
+        result = None
+        if mode == "train":
+            controller.train(steps=total_steps)
+        elif mode == "train_and_eval":
+            result = controller.train_and_evaluate(
+                train_steps=total_steps, eval_steps=int(opts["eval_steps"]),
+                eval_interval=int(opts["eval_interval"] or checkpoint_every))
+        elif mode == "eval":
+            if manager.latest_checkpoint is None:
+                raise FileNotFoundError(f"no checkpoint to evaluate in {model_dir}")
+            result = controller.evaluate(steps=int(opts["eval_steps"]))
+        else:
+            timeout = opts["continuous_eval_timeout"]
+            result = controller.evaluate_continuously(
+                steps=int(opts["eval_steps"]), timeout=timeout,
+                timeout_fn=lambda: int(global_step.numpy()) >= total_steps)
+        if evaluator is not None and evaluator.last_result is not None:
+            _write_metrics(write_dir, int(global_step.numpy()), evaluator.last_result)
+        return result
+
+
+@contextlib.contextmanager
+def _global_dtype_policy(name: str | None):
+    """Sets tf_keras' global dtype policy to `name` (None: unchanged) and restores it."""
+    if name is None:
+        yield
+        return
+    previous = tfk.mixed_precision.global_policy()
+    tfk.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        tfk.mixed_precision.set_global_policy(previous)
 
 
 class _NonChiefCheckpointManager(tf.train.CheckpointManager):
