@@ -25,5 +25,5 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-xdist", "ruff", "panopticapi-lite"],
     },
-    entry_points={"console_scripts": ["max-deeplab=max_deeplab.__main__:main"]},
+    entry_points={"console_scripts": ["max-deeplab=max_deeplab.__main__:console_main"]},
 )

@@ -6,6 +6,7 @@ pay for importing TensorFlow.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
@@ -35,31 +36,50 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs a verb. `argv=None` means "this is the process's program" (console script,
-    `python -m max_deeplab`): then a verb whose module sets `EXIT_WITHOUT_TEARDOWN = True`
-    ends the process right after its output is flushed, skipping the interpreter's teardown
-    (module and object finalisation, ~30 ms with numpy loaded, ~6% of `pq`'s benchmarked run).
-    A verb may set it only if it holds nothing that needs finalising at exit: files closed,
-    child processes reaped, no atexit work."""
-    program = argv is None
-    argv = list(sys.argv if argv is None else argv)
+def _run(argv: list[str]):
+    """Runs the verb named by argv[1]; returns (exit code, the verb's module or None)."""
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
-        return 0 if len(argv) >= 2 else 2
+        return (0 if len(argv) >= 2 else 2), None
     verb = argv[1]
     if verb not in VERBS:
         print(f"max-deeplab: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return 2, None
     module = importlib.import_module(VERBS[verb][0])
     # The verb sees argv[0] as "max-deeplab <verb>" so absl/argparse usage lines read right.
-    code = int(module.main([f"max-deeplab {verb}", *argv[2:]]) or 0)
-    if program and getattr(module, "EXIT_WITHOUT_TEARDOWN", False):
+    return int(module.main([f"max-deeplab {verb}", *argv[2:]]) or 0), module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a verb (argv defaults to sys.argv) and returns its exit code."""
+    return _run(list(sys.argv if argv is None else argv))[0]
+
+
+def _teardown_has_work() -> bool:
+    """Whether skipping the interpreter's teardown would lose something: atexit callbacks
+    (e.g. coverage), or a profiler / tracer that reports at exit."""
+    ncallbacks = getattr(atexit, "_ncallbacks", None)
+    return (ncallbacks is None or ncallbacks() > 0 or sys.getprofile() is not None
+            or sys.gettrace() is not None)
+
+
+def console_main() -> None:
+    """The program (`max-deeplab` console script, `python -m max_deeplab`): exits with the
+    verb's code.
+
+    A verb whose module sets `EXIT_WITHOUT_TEARDOWN = True` ends the process right after its
+    output is flushed, skipping the interpreter's teardown (module and object finalisation,
+    ~30 ms with numpy loaded, ~6% of `pq`'s benchmarked run) unless something registered work
+    for it. A verb may set it only if it holds nothing that needs finalising: files closed,
+    child processes reaped.
+    """
+    code, module = _run(list(sys.argv))
+    if getattr(module, "EXIT_WITHOUT_TEARDOWN", False) and not _teardown_has_work():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

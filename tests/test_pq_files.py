@@ -307,6 +307,31 @@ def test_user_error_exits_without_traceback(crafted):
     assert "Traceback" not in proc.stderr and "no prediction for image_id 0" in proc.stderr
 
 
+def test_program_exit_keeps_output_exit_codes_and_atexit_work(crafted, tmp_path):
+    """`console_main` may end a `pq` process without the interpreter's teardown: the table,
+    the metrics file and the exit code must still be there, and atexit work (e.g. coverage)
+    must still run."""
+    out = tmp_path / "m.json"
+    args = [f"--{k}={v}" for k, v in crafted.items()] + ["--num_workers=1", f"--output={out}"]
+    script = ("import atexit, sys\n"
+              "if sys.argv[1] == 'atexit':\n"
+              "    atexit.register(lambda: print('atexit ran', flush=True))\n"
+              "sys.argv = ['max-deeplab', 'pq'] + sys.argv[2:]\n"
+              "from max_deeplab.__main__ import console_main\n"
+              "console_main()\n")
+    for mode in ("plain", "atexit"):
+        proc = subprocess.run([sys.executable, "-c", script, mode, *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Things" in proc.stdout and f"metrics written to {out}" in proc.stdout
+        assert ("atexit ran" in proc.stdout) == (mode == "atexit")
+        assert json.loads(out.read_text())["All"]["n"] > 0
+        out.unlink()
+    proc = subprocess.run([sys.executable, "-c", script, "plain", *args, "--num_workers=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--num_workers" in proc.stderr
+
+
 def test_missing_flags_is_a_usage_error(capsys):
     assert pq_cli.main(["max-deeplab pq", "--gt_json", "x.json"]) == 2
     assert "--gt_dir" in capsys.readouterr().err
@@ -332,6 +357,13 @@ def test_help_and_flag_spellings(crafted, capsys):
     assert pq_cli.main(argv + ["--per_class", "--noper_class"]) == 0
     without = capsys.readouterr().out
     assert "person" in with_classes and "person" not in without
+    for value, shown in (("true", True), ("1", True), ("false", False), ("no", False)):
+        assert pq_cli.main(argv + [f"--per_class={value}"]) == 0
+        assert ("person" in capsys.readouterr().out) == shown
+    assert pq_cli.main(argv + ["--per_class=maybe"]) == 2
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+    assert pq_cli.main(["max-deeplab pq", "--helpshort"]) == 0
+    assert "--noper_class" in capsys.readouterr().out
 
 
 def test_rgba_pngs_read_like_the_reference_and_gray_pngs_rejected(crafted, capsys):
@@ -442,6 +474,46 @@ def test_error_corrupt_truncated_and_palette_pngs(crafted, capsys):
     code, err = _run_cli(crafted, capsys)
     assert code == 1 and "000001.png" in err and "palette" in err
     assert "expected an RGB panoptic PNG" in err
+
+
+@pytest.mark.parametrize("color_type,channels", [(2, 3), (6, 4)])
+def test_error_malformed_pngs_with_valid_crcs(tmp_path, color_type, channels):
+    """Errors the CRC check cannot see reach the decoders and come back as a clear error."""
+    import struct
+    import zlib
+
+    from max_deeplab.evaluation.coco_panoptic import read_png_rgb
+
+    good = _png_bytes(np.zeros((6, 5, channels), np.uint8), color_type)
+    start = good.index(b"IDAT") - 4
+
+    def with_idat(raw: bytes, header: bytes | None = None) -> bytes:
+        idat = struct.pack(">I", len(raw)) + b"IDAT" + raw + struct.pack(
+            ">I", zlib.crc32(b"IDAT" + raw))
+        png = good[:start] + idat + good[good.index(b"IEND") - 4:]
+        if header is not None:  # a different IHDR body (13 bytes at offset 16)
+            png = png[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + png[33:]
+        return png
+
+    row = 1 + 5 * channels
+    cases = {
+        "bad filter": (zlib.compress(b"\x07" + bytes(row - 1) + bytes(5 * row)), None,
+                       "cannot decode PNG"),
+        "short data": (zlib.compress(bytes(2 * row)), None, "cannot decode PNG"),
+        "not zlib": (b"not a zlib stream", None, "cannot decode PNG"),
+        # A header claiming 10^5 x 10^5 pixels for a few bytes of data: refused before any
+        # decoder allocates ~30 GB for it.
+        "huge header": (zlib.compress(bytes(row)), struct.pack(
+            ">IIBBBBB", 100_000, 100_000, 8, color_type, 0, 0, 0), "more than its"),
+    }
+    for name, (raw, header, message) in cases.items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(with_idat(raw, header))
+        with pytest.raises(PanopticEvalError, match=message):
+            read_png_rgb(str(path))
+    path = tmp_path / "good.png"
+    path.write_bytes(with_idat(zlib.compress(bytes(6 * row))))
+    assert read_png_rgb(str(path)).shape == (6, 5, 3)
 
 
 # ------------------------------------------------------------------ worker processes

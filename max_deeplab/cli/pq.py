@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-# See max_deeplab.__main__.main: this verb writes its metrics atomically and reaps its
+# See max_deeplab.__main__.console_main: this verb writes its metrics atomically and reaps its
 # workers before returning, so the interpreter's teardown can be skipped when it is the program.
 EXIT_WITHOUT_TEARDOWN = True
 
@@ -33,13 +33,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_BOOLEAN_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _boolean(text: str) -> bool:
+    try:
+        return _BOOLEAN_VALUES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
-    """This verb's flags. argparse rather than absl.flags like the other verbs: importing
-    absl.flags costs ~25 ms, ~5% of the whole benchmarked run (`benchmarks/bench_pq.py`);
-    the spelling (--flag value, --flag=value, --per_class / --noper_class) is the same."""
+    """This verb's flags, with argparse rather than absl.flags like the other verbs: importing
+    absl.flags costs ~25 ms, ~5% of the whole benchmarked run (`benchmarks/bench_pq.py`).
+    Spelled as for the other verbs: --flag value, --flag=value, --per_class[=true|false],
+    --noper_class, --help / --helpshort; absl's single-dash (-flag) and --flagfile forms are
+    not accepted, and a value starting with "-" needs the --flag=value form."""
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)
+    parser.add_argument("--helpshort", action="help", help="Same as --help.")
     parser.add_argument("--gt_json", help="Ground-truth COCO panoptic JSON (with 'categories').")
     parser.add_argument("--gt_dir", help="Directory of ground-truth panoptic PNGs.")
     parser.add_argument("--pred_json", help="Prediction COCO panoptic JSON.")
@@ -48,10 +61,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=_positive_int, default=None,
                         help="Worker processes (default: the usable CPU cores; 1 = evaluate "
                         "in this process).")
-    parser.add_argument("--per_class", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--per_class", type=_boolean, nargs="?", const=True, default=False,
+                        metavar="true|false",
                         help="Also print the per-class PQ / SQ / RQ table.")
     parser.add_argument("--noper_class", dest="per_class", action="store_false",
-                        help=argparse.SUPPRESS)
+                        help="Same as --per_class=false.")
     return parser
 
 

@@ -191,15 +191,17 @@ _RGB_COLOR_TYPES = (2, 6)
 _OTHER_COLOR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale + alpha"}
 
 
-def _check_png_chunks(data: bytes, path: str) -> None:
-    """Checks the chunk structure and the CRC-32 of every chunk (up to IEND).
+def _check_png_chunks(data: bytes, path: str) -> int:
+    """Checks the chunk structure and the CRC-32 of every chunk (up to IEND); returns the
+    number of compressed image (IDAT) bytes.
 
-    pyspng runs libspng with CRC checks off, so this is where a corrupted file is caught
-    (as Pillow, the reference's reader, would); the chunks hold compressed data, so this costs
-    microseconds.
+    Neither decoder checks CRCs (pyspng runs libspng with CRC checks off), so this is where a
+    corrupted file is caught (as Pillow, the reference's reader, would); the chunks hold
+    compressed data, so this costs microseconds.
     """
     view = memoryview(data)
     pos, n = 8, len(data)
+    idat_bytes = 0
     while pos < n:
         length = int.from_bytes(view[pos:pos + 4], "big")
         end = pos + 8 + length
@@ -209,9 +211,16 @@ def _check_png_chunks(data: bytes, path: str) -> None:
         if zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
             raise PanopticEvalError(f"cannot decode PNG {path}: CRC mismatch in chunk "
                                     f"{ctype.decode('latin-1')!r} at byte {pos}")
-        if ctype == b"IEND":
-            return
+        if ctype == b"IDAT":
+            idat_bytes += length
+        elif ctype == b"IEND":
+            break
         pos = end + 4
+    return idat_bytes
+
+
+# Deflate encodes at most 258 bytes per (>= 2-bit) match code: no stream expands by more.
+_MAX_DEFLATE_RATIO = 1032
 
 
 def read_png_rgb(path: str) -> np.ndarray:
@@ -236,10 +245,18 @@ def read_png_rgb(path: str) -> np.ndarray:
         kind = _OTHER_COLOR_TYPES.get(color_type, f"unknown colour type {color_type}")
         raise PanopticEvalError(f"PNG {path} is {kind}; expected an RGB panoptic PNG [H, W, 3] "
                                 "with id = R + 256 G + 256^2 B")
-    _check_png_chunks(data, path)
+    idat_bytes = _check_png_chunks(data, path)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    row_bytes = 1 + -(-width * (3 if color_type == 2 else 4) * bit_depth // 8)
+    if height * row_bytes > _MAX_DEFLATE_RATIO * (idat_bytes + 64):
+        # Caught here rather than by the decoder: kornia-rs allocates the whole image from the
+        # header first, and a failing allocation is a Rust panic, not a Python error.
+        raise PanopticEvalError(f"cannot decode PNG {path}: its header says {width}x{height} "
+                                f"pixels, more than its {idat_bytes} bytes of image data can "
+                                "hold")
     try:
         if bit_depth == 8:
-            size = (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"))
+            size = (height, width)
             if color_type == 2:
                 return kornia_rs.io.decode_image_png_u8(data, size, "rgb")
             return kornia_rs.io.decode_image_png_u8(data, size, "rgba")[..., :3]

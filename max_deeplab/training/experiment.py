@@ -120,7 +120,7 @@ def experiment_options(total_steps: int = 100_000, train_batch_size: int = 64,
     `initial_checkpoint_scope`: "backbone" loads only the pretrainable backbone (the paper's
     ImageNet initialisation; memory path, decoder and heads stay random), "all" every
     weight whose name and shape match (fine-tuning from a panoptic checkpoint). `mixed_precision`
-    "bfloat16" sets tf_keras' mixed_bfloat16 policy (TPU)."""
+    "bfloat16" sets tf_keras' mixed_bfloat16 policy (TPU) for the run (restored after it)."""
     return dict(locals())
 
 
@@ -270,11 +270,13 @@ def _global_dtype_policy(name: str | None):
         yield
         return
     previous = tfk.mixed_precision.global_policy()
+    # None restores "the default" (a policy that follows floatx) rather than pinning it.
+    restore = None if previous.name == tfk.backend.floatx() else previous
     tfk.mixed_precision.set_global_policy(name)
     try:
         yield
     finally:
-        tfk.mixed_precision.set_global_policy(previous)
+        tfk.mixed_precision.set_global_policy(restore)
 
 
 class _NonChiefCheckpointManager(tf.train.CheckpointManager):
