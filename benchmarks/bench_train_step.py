@@ -1,10 +1,11 @@
 """Training-step time and peak memory of the tiny and the MaX-DeepLab-S configs on this CPU.
 
 One full step (forward, Hungarian matching, all losses, gradients, RAdam + Lookahead update)
-at batch 1 on a small crop, with `tf.function`. Each config runs in its own process so its
-peak resident memory (ru_maxrss) is its own. Times are also given in units of a 4096^3 fp32
-matmul measured in the same run (DESIGN.md §8: the reference implementation's MaX-S step at
-321², batch 1, is 4.7 units and 2.0 GB peak RSS; target <= 3.7 units, <= 1.6 GB).
+at batch 1 on a small crop, with `tf.function`, timed in RAdam's adaptive (steady-state)
+phase. Each config runs in its own process so its peak resident memory (ru_maxrss) is its
+own. Times are also given in units of a 4096^3 fp32 matmul measured in the same run
+(DESIGN.md §8: the reference implementation's MaX-S step at 321², batch 1, is 4.7 units and
+2.0 GB peak RSS; target <= 3.7 units, <= 1.6 GB).
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--crop 321] [--steps 5]
 """
@@ -58,6 +59,12 @@ def step(batch):
 start = time.perf_counter()
 step(targets).numpy()
 first = time.perf_counter() - start
+# Time the steady state of training: past RAdam's first 5 (momentum-only) steps, in its
+# adaptive phase, as every later step of a run is. At most one of 5 consecutive steps is a
+# Lookahead sync (every 6th), so the median is an ordinary step.
+inner = getattr(optimizer, "inner_optimizer", optimizer)
+for opt in {id(optimizer): optimizer, id(inner): inner}.values():
+    opt.iterations.assign(1000)
 times = []
 for _ in range(steps):
     start = time.perf_counter()

@@ -197,19 +197,34 @@ class RAdam(tfk.optimizers.Optimizer):
         r_t = tf.cast(tf.sqrt(tf.maximum(ratio, 0.0)), dtype)
         use_adaptive = rho_t > self.rectification_threshold
 
-        m_t = m.assign(self.beta_1 * m + (1.0 - self.beta_1) * gradient)
-        v_t = v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(gradient))
-        m_hat = m_t / tf.cast(one_minus_beta_1_power, dtype)
-        v_hat = tf.sqrt(v_t / tf.cast(one_minus_beta_2_power, dtype))
+        def adaptive_step(step_size: tf.Tensor) -> tf.Operation:
+            # θ ← θ − s · m̂ / (sqrt(v̂) + ε) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t) is
+            # θ ← θ − s sqrt(1 − β2^t) / (1 − β1^t) · m / (sqrt(v) + ε sqrt(1 − β2^t)): one
+            # fused kernel (the moment updates and the step in one pass over the weights,
+            # instead of ~15 elementwise passes) with the bias corrections folded into its
+            # learning rate and ε; its own beta powers are 0 (no further correction), so
+            # 1 − β^t keeps the expm1 precision above.
+            sqrt_c2 = tf.cast(tf.sqrt(one_minus_beta_2_power), dtype)
+            return tf.raw_ops.ResourceApplyAdam(
+                var=variable.handle, m=m.handle, v=v.handle,
+                beta1_power=tf.zeros([], dtype), beta2_power=tf.zeros([], dtype),
+                lr=step_size * sqrt_c2 / tf.cast(one_minus_beta_1_power, dtype),
+                beta1=tf.constant(self.beta_1, dtype), beta2=tf.constant(self.beta_2, dtype),
+                epsilon=self.epsilon * sqrt_c2, grad=gradient)
+
+        def momentum_step() -> tf.Operation:
+            m_t = m.assign(self.beta_1 * m + (1.0 - self.beta_1) * gradient)
+            v_update = v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(gradient),
+                                read_value=False)
+            with tf.control_dependencies([v_update]):
+                return variable.assign_sub(
+                    lr * (m_t / tf.cast(one_minus_beta_1_power, dtype)), read_value=False)
+
         if not self.rectify:
-            return variable.assign_sub(lr * m_hat / (v_hat + self.epsilon), read_value=False)
+            return adaptive_step(lr)
         # A scalar predicate: tf.cond runs one branch (a tf.where over every weight would
         # compute both, a full pass over the model's size per step).
-        return tf.cond(
-            use_adaptive,
-            lambda: variable.assign_sub(lr * r_t * m_hat / (v_hat + self.epsilon),
-                                        read_value=False),
-            lambda: variable.assign_sub(lr * m_hat, read_value=False))
+        return tf.cond(use_adaptive, lambda: adaptive_step(lr * r_t), momentum_step)
 
     def get_config(self) -> dict:
         config = super().get_config()
