@@ -388,9 +388,8 @@ _ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
           (0, 1, 1, 2)]
 
 
-def _png_bytes(samples: np.ndarray, color_type: int, interlaced: bool = False) -> bytes:
-    """A PNG written by hand (filter 0): any bit depth / colour type / interlace Pillow
-    cannot write, so the decoder is checked on them too."""
+def _png_file(ihdr: bytes, compressed: bytes) -> bytes:
+    """PNG bytes from an IHDR body and the (zlib) image data, every chunk with a valid CRC."""
     import struct
     import zlib
 
@@ -398,14 +397,28 @@ def _png_bytes(samples: np.ndarray, color_type: int, interlaced: bool = False) -
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
             ">I", zlib.crc32(kind + data))
 
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", compressed)
+            + chunk(b"IEND", b""))
+
+
+def _ihdr(width: int, height: int, depth: int, color_type: int, interlaced: bool = False
+          ) -> bytes:
+    import struct
+
+    return struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, int(interlaced))
+
+
+def _png_bytes(samples: np.ndarray, color_type: int, interlaced: bool = False) -> bytes:
+    """A PNG written by hand (filter 0): any bit depth / colour type / interlace Pillow
+    cannot write, so the decoder is checked on them too."""
+    import zlib
+
     h, w = samples.shape[:2]
     depth = 16 if samples.dtype == np.uint16 else 8
     big = samples.astype(">u2" if depth == 16 else np.uint8)
     images = [big[y0::dy, x0::dx] for x0, y0, dx, dy in _ADAM7] if interlaced else [big]
     raw = b"".join(b"\x00" + row.tobytes() for img in images if img.size for row in img)
-    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, int(interlaced))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return _png_file(_ihdr(w, h, depth, color_type, interlaced), zlib.compress(raw))
 
 
 @pytest.mark.parametrize("depth,channels,interlaced", [
@@ -479,40 +492,29 @@ def test_error_corrupt_truncated_and_palette_pngs(crafted, capsys):
 @pytest.mark.parametrize("color_type,channels", [(2, 3), (6, 4)])
 def test_error_malformed_pngs_with_valid_crcs(tmp_path, color_type, channels):
     """Errors the CRC check cannot see reach the decoders and come back as a clear error."""
-    import struct
     import zlib
 
     from max_deeplab.evaluation.coco_panoptic import read_png_rgb
 
-    good = _png_bytes(np.zeros((6, 5, channels), np.uint8), color_type)
-    start = good.index(b"IDAT") - 4
-
-    def with_idat(raw: bytes, header: bytes | None = None) -> bytes:
-        idat = struct.pack(">I", len(raw)) + b"IDAT" + raw + struct.pack(
-            ">I", zlib.crc32(b"IDAT" + raw))
-        png = good[:start] + idat + good[good.index(b"IEND") - 4:]
-        if header is not None:  # a different IHDR body (13 bytes at offset 16)
-            png = png[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + png[33:]
-        return png
-
+    header = _ihdr(5, 6, 8, color_type)
     row = 1 + 5 * channels
     cases = {
-        "bad filter": (zlib.compress(b"\x07" + bytes(row - 1) + bytes(5 * row)), None,
+        "bad filter": (header, zlib.compress(b"\x07" + bytes(row - 1) + bytes(5 * row)),
                        "cannot decode PNG"),
-        "short data": (zlib.compress(bytes(2 * row)), None, "cannot decode PNG"),
-        "not zlib": (b"not a zlib stream", None, "cannot decode PNG"),
+        "short data": (header, zlib.compress(bytes(2 * row)), "cannot decode PNG"),
+        "not zlib": (header, b"not a zlib stream", "cannot decode PNG"),
         # A header claiming 10^5 x 10^5 pixels for a few bytes of data: refused before any
         # decoder allocates ~30 GB for it.
-        "huge header": (zlib.compress(bytes(row)), struct.pack(
-            ">IIBBBBB", 100_000, 100_000, 8, color_type, 0, 0, 0), "more than its"),
+        "huge header": (_ihdr(100_000, 100_000, 8, color_type), zlib.compress(bytes(row)),
+                        "more than its"),
     }
-    for name, (raw, header, message) in cases.items():
+    for name, (ihdr, compressed, message) in cases.items():
         path = tmp_path / f"{name}.png"
-        path.write_bytes(with_idat(raw, header))
+        path.write_bytes(_png_file(ihdr, compressed))
         with pytest.raises(PanopticEvalError, match=message):
             read_png_rgb(str(path))
     path = tmp_path / "good.png"
-    path.write_bytes(with_idat(zlib.compress(bytes(6 * row))))
+    path.write_bytes(_png_file(header, zlib.compress(bytes(6 * row))))
     assert read_png_rgb(str(path)).shape == (6, 5, 3)
 
 

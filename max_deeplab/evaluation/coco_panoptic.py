@@ -10,7 +10,7 @@ see `pq_core` for the rules), but the per-image work is vectorised:
   `png` crate through kornia-rs (~5x faster than Pillow, ~1.6x faster than libspng on
   COCO-like PNGs: faster inflate and SIMD unfiltering), other depths by libspng (pyspng);
 - the two maps are cut into runs of equal (GT id, prediction id) pairs in raster order with
-  byte-wise compares (`pair_runs`), ids are assembled only at run starts, mapped to segment
+  byte-wise XORs (`pair_runs`), ids are assembled only at run starts, mapped to segment
   indices by binary search over the JSON ids, and the
   GT x prediction overlap table is one run-length-weighted `np.bincount` of
   `gt_index * (Kp + 2) + pred_index`;
@@ -395,6 +395,12 @@ def default_num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _drain(fd: int) -> None:
+    """Reads `fd` to EOF: empties the task queue so the other processes find no more work."""
+    while os.read(fd, 1 << 16):
+        pass
+
+
 def _evaluate_from_queue(jobs: Sequence[_ImageJob], task_fd: int, batch: int,
                          stats: PQStats) -> tuple[int, str] | None:
     """Evaluates the batches of `jobs` named by 4-byte tokens read from `task_fd` until EOF.
@@ -411,8 +417,7 @@ def _evaluate_from_queue(jobs: Sequence[_ImageJob], task_fd: int, batch: int,
             try:
                 evaluate_image(jobs[i], stats)
             except PanopticEvalError as e:
-                while os.read(task_fd, 1 << 16):
-                    pass
+                _drain(task_fd)
                 return i, str(e)
 
 
@@ -423,10 +428,9 @@ def _child(jobs: Sequence[_ImageJob], task_fd: int, batch: int, stats: PQStats,
     try:
         try:
             error = _evaluate_from_queue(jobs, task_fd, batch, stats)
-            payload = ("ok", (stats.tp, stats.fp, stats.fn, stats.iou_sum), error)
+            payload = ("ok", stats, error)
         except BaseException:  # a bug, not bad input: hand the traceback to the parent
-            while os.read(task_fd, 1 << 16):
-                pass
+            _drain(task_fd)
             payload = ("crash", traceback.format_exc(), None)
         with os.fdopen(result_fd, "wb") as f:
             pickle.dump(payload, f)
@@ -442,7 +446,7 @@ def _compute_forked(jobs: Sequence[_ImageJob], stats: PQStats, workers: int) -> 
     Work is shared dynamically through a pipe of job-batch tokens (each process reads the next
     token when it is free), so a slow image or a busy core does not leave the others idle.
     Forking directly (rather than a multiprocessing pool) costs ~1 ms per child and keeps this
-    process working too; children return only their four per-category sum arrays.
+    process working too; children return only their per-category sums (a small `PQStats`).
     """
     # At most 2048 tokens (8 KiB), so the whole queue fits in the pipe before anyone reads it.
     batch = -(-len(jobs) // 2048)
@@ -475,8 +479,7 @@ def _compute_forked(jobs: Sequence[_ImageJob], stats: PQStats, workers: int) -> 
             errors.append(error)
     finally:
         # Also on an exception here (e.g. Ctrl-C): empty the queue and reap every child.
-        while os.read(task_r, 1 << 16):
-            pass
+        _drain(task_r)
         os.close(task_r)
         for pid, result_r in children:
             with os.fdopen(result_r, "rb") as f:
@@ -489,9 +492,7 @@ def _compute_forked(jobs: Sequence[_ImageJob], stats: PQStats, workers: int) -> 
             if status == "crash":
                 crashes.append(value)
                 continue
-            for mine, theirs in zip((stats.tp, stats.fp, stats.fn, stats.iou_sum), value,
-                                    strict=True):
-                mine += theirs
+            stats.merge(value)
             if error:
                 errors.append(error)
     if crashes:
