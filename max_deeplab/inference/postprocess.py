@@ -230,34 +230,32 @@ def _pixel_codes(dominant: tf.Tensor, chosen: tf.Tensor, confidence: tf.Tensor,
     return (image * num_slots + dominant) * (2 * num_slots + 1) + e
 
 
-def _bilinear_cells(corners: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
-    """[P, 4] corner values (tl, tr, bl, br) -> [P, sy·sx] align-corners samples of the cell.
+def _lerp_corners(tl: tf.Tensor, tr: tf.Tensor, bl: tf.Tensor, br: tf.Tensor,
+                  fx: tf.Tensor, fy: tf.Tensor) -> tf.Tensor:
+    """`ResizeBilinear`'s arithmetic (top = tl + (tr − tl)·fx, ..., top + (bottom − top)·fy):
+    with its exact weights r/s (power-of-two strides) the values are bit-identical to the
+    full upsample's. The one place both per-cell and per-pixel samples are computed."""
+    top = tl + (tr - tl) * fx
+    bottom = bl + (br - bl) * fx
+    return top + (bottom - top) * fy
 
-    `ResizeBilinear`'s arithmetic (top = tl + (tr − tl)·fx, ..., top + (bottom − top)·fy)
-    with its weights r/s, exact in float32 for power-of-two strides: bit-identical values.
-    """
+
+def _bilinear_cells(corners: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
+    """[P, 4] corner values (tl, tr, bl, br) -> [P, sy·sx] align-corners samples of the cell."""
     sy, sx = strides
     fy = (tf.range(sy, dtype=tf.float32) / sy)[:, None]
     fx = tf.range(sx, dtype=tf.float32) / sx
-    tl, tr, bl, br = (corners[:, i, None, None] for i in range(4))
-    top = tl + (tr - tl) * fx
-    bottom = bl + (br - bl) * fx
-    return tf.reshape(top + (bottom - top) * fy, [-1, sy * sx])
+    values = _lerp_corners(*(corners[:, i, None, None] for i in range(4)), fx, fy)
+    return tf.reshape(values, [-1, sy * sx])
 
 
 def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, int]
                      ) -> tf.Tensor:
-    """[P, K, 4] corner values + [P] pixel index in the cell (r·s_x + q) -> [P, K] samples.
-
-    The arithmetic of `_bilinear_cells` for one pixel per row: bit-identical values.
-    """
+    """[P, K, 4] corner values + [P] pixel index in the cell (r·s_x + q) -> [P, K] samples."""
     sy, sx = strides
     fy = (tf.cast(pixel // sx, tf.float32) / sy)[:, None]
     fx = (tf.cast(pixel % sx, tf.float32) / sx)[:, None]
-    tl, tr, bl, br = (corners[..., i] for i in range(4))
-    top = tl + (tr - tl) * fx
-    bottom = bl + (br - bl) * fx
-    return top + (bottom - top) * fy
+    return _lerp_corners(*(corners[..., i] for i in range(4)), fx, fy)
 
 
 def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
@@ -551,8 +549,8 @@ def _validate(mask_logits: tf.Tensor, class_logits: tf.Tensor, is_thing: tf.Tens
 def _slot_maps_static(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
                       image_size: Sequence[int] | None, resize_method: str,
                       weight_masks_by_class_confidence: bool
-                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(ẑ, dominant slot, dominant slot kept, pixel confidence) on all N channels.
+                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(ẑ, dominant slot, pixel confidence) on all N channels.
 
     Static shapes throughout (XLA). ẑ and the confidence are only meaningful where the
     dominant slot is kept.
@@ -589,7 +587,7 @@ def _slot_maps_static(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Ten
         # wherever that one is kept; its confidence is exp(0) / Σ_kept.
         mask_id = argmax_all
         pixel_conf = 1.0 / kept_sum
-    return mask_id, argmax_all, dominant_kept, pixel_conf
+    return mask_id, argmax_all, pixel_conf
 
 
 @gin.configurable(module="max_deeplab.inference", denylist=["outputs", "is_thing",
@@ -709,7 +707,7 @@ def postprocess(
             confidence = _kept_choice_dense(mask_logits, index, valid, offset, out_size,
                                             resize_method)[1]
     else:
-        chosen, dominant, _, confidence = _slot_maps_static(
+        chosen, dominant, confidence = _slot_maps_static(
             mask_logits, kept, slot_conf, image_size, resize_method,
             weight_masks_by_class_confidence)
         codes = _pixel_codes(dominant, chosen, confidence, kept, pixel_threshold)
