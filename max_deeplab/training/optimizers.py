@@ -331,12 +331,12 @@ class Lookahead(tfk.optimizers.Optimizer):
         alpha = self.slow_step_size
 
         # Serialised like the inner optimiser's updates (one variable's temporaries at a
-        # time), starting after its last update.
+        # time), starting after its last update (the tf.cond below waits for it).
         first = getattr(self._optimizer, "_last_update", None)
         serialize = getattr(self._optimizer, "serialize_updates", False)
 
         def synchronise_all() -> tf.Operation:
-            chain = [first]
+            chain = [None]
 
             def sync_fn(fast: tf.Variable, slow: tf.Variable) -> None:
                 previous = ([chain[0]] if chain[0] is not None and not tf.executing_eagerly()
