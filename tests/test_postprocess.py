@@ -10,6 +10,7 @@ Three kinds of expectations:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -450,26 +451,28 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
     def fail():
         raise AssertionError("dense fallback used")
 
-    for threshold in (0.4, 0.75):
-        for stride in (2, 4, 8):
-            size = ((h - 1) * stride + 1, (w - 1) * stride + 1)
-            got = _pp_module._cell_codes(
-                tf.constant(ml), tf.constant(kept), index, valid, tf.constant(offset),
-                size, (stride, stride), threshold, fail, max_pairs=10**9).numpy()
-            want, conf_px = _full_resolution_codes(ml, kept, offset, size, threshold)
-            # Confidences within float32 rounding of the threshold may go either way
-            # (summation order); everything else must be identical.
-            rounding = np.abs(conf_px - threshold) < 1e-6
-            assert rounding.mean() < 1e-3
-            np.testing.assert_array_equal(got[~rounding], want[~rounding])
-            num_codes = 2 * n + 1
-            np.testing.assert_array_equal(got // num_codes, want // num_codes)  # dominant
-            e_got, e_want = got % num_codes, want % num_codes
-            np.testing.assert_array_equal((e_got - 1) % n, (e_want - 1) % n)  # ẑ
-            # The case is not degenerate: void, confident and (except with logits so steep
-            # that every boundary is sharp) unconfident pixels all occur.
-            assert (e_want == 0).any() and ((e_want > 0) & (e_want <= n)).any()
-            assert logits == "steep" or (e_want > n).any()
+    # deeplab2's rule (zero offsets) through both its shortcut and the general ẑ search.
+    for zero_offsets, threshold, stride in itertools.product(
+            (False,) if paper else (False, True), (0.4, 0.75), (2, 4, 8)):
+        size = ((h - 1) * stride + 1, (w - 1) * stride + 1)
+        got = _pp_module._cell_codes(
+            tf.constant(ml), tf.constant(kept), index, valid, tf.constant(offset),
+            size, (stride, stride), threshold, fail, max_pairs=10**9,
+            zero_offsets=zero_offsets).numpy()
+        want, conf_px = _full_resolution_codes(ml, kept, offset, size, threshold)
+        # Confidences within float32 rounding of the threshold may go either way
+        # (summation order); everything else must be identical.
+        rounding = np.abs(conf_px - threshold) < 1e-6
+        assert rounding.mean() < 1e-3
+        np.testing.assert_array_equal(got[~rounding], want[~rounding])
+        num_codes = 2 * n + 1
+        np.testing.assert_array_equal(got // num_codes, want // num_codes)  # dominant
+        e_got, e_want = got % num_codes, want % num_codes
+        np.testing.assert_array_equal((e_got - 1) % n, (e_want - 1) % n)  # ẑ
+        # The case is not degenerate: void, confident and (except with logits so steep
+        # that every boundary is sharp) unconfident pixels all occur.
+        assert (e_want == 0).any() and ((e_want > 0) & (e_want <= n)).any()
+        assert logits == "steep" or (e_want > n).any()
     if logits == "ties":
         dominant = want // (2 * n + 1) % n
         assert (dominant == 2).any() and not (dominant == 5).any()
@@ -478,6 +481,37 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
         assert not (dominant[:, ::stride, ::stride] == 3).any()
         plateau = dominant[:, : (h // 2 - 1) * stride + 1]  # rows inside the plateau
         assert (plateau == 9).all()
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_confidence_bound_where_a_discarded_slot_towers_over_the_kept_ones(paper):
+    # One stride-4 cell. Slot 1 (discarded) is +200 at the top-right corner and -200
+    # elsewhere; kept slot 0 is 0 and kept slots 2-6 are -0.5 everywhere, so where slot 0
+    # dominates its confidence is 1 / (1 + 5 e^-0.5) = 0.25: void at threshold 0.4. At the
+    # top-right corner every kept logit is 200 below the maximum: the kept-slot
+    # log-sum-exp there must not underflow to -inf, which would make the interpolated
+    # confidence bound small enough to call those pixels confident. (Slots 7-63, discarded
+    # and far below, only keep the candidate pairs under the cells path's dense-fallback
+    # limit of N/8 per cell.)
+    n = 64
+    ml = np.full((1, 2, 2, n), -1000.0, np.float32)
+    ml[..., 0] = 0.0
+    ml[..., 2:7] = -0.5
+    ml[..., 1] = -200.0
+    ml[0, 0, 1, 1] = 200.0
+    cl = np.zeros((1, n, 3), np.float32)
+    cl[0, :7, 0] = 10.0  # slots 0-6: class 0 with confidence ~1 ...
+    cl[0, 1, 0] = -10.0  # ... except slot 1: void wins, discarded
+    cl[0, 7:, 2] = 10.0
+    kw = dict(is_thing=[True, False], image_size=(5, 5), thing_area_limit=0,
+              stuff_area_limit=0, area_limit_reference_size=None,
+              weight_masks_by_class_confidence=paper, pixel_threshold=0.4)
+    dynamic = postprocess({"mask_logits": ml, "class_logits": cl}, dynamic_shapes=True, **kw)
+    static = postprocess({"mask_logits": ml, "class_logits": cl}, dynamic_shapes=False, **kw)
+    _assert_same_outputs(dynamic, static)
+    mask_id = dynamic["mask_id"].numpy()[0]
+    assert (mask_id == 1).sum() > 10 and (mask_id == 0).any()  # slot 0 and slot 1 regions
+    assert (dynamic["panoptic"].numpy() == 0).all()  # 0.25 < 0.4 wherever slot 0 wins
 
 
 def test_cell_codes_fall_back_to_dense_above_the_pair_limit():

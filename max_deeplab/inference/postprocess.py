@@ -261,8 +261,8 @@ def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, i
 def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
                 offset: tf.Tensor, size: tuple[int, int], strides: tuple[int, int],
                 pixel_threshold: float,
-                dense_codes: Callable[[], tf.Tensor], max_pairs: int | None = None
-                ) -> tf.Tensor:
+                dense_codes: Callable[[], tf.Tensor], max_pairs: int | None = None,
+                zero_offsets: bool = False) -> tf.Tensor:
     """Per-pixel codes from exact low-resolution cell bounds (module docstring, *cells*).
 
     Cell (y, x) holds the output pixels (s_y·y + r, s_x·x + q), 0 ≤ r < s_y, 0 ≤ q < s_x,
@@ -273,6 +273,9 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
        corner min as a lower bound M of the pixel maximum; slots whose corner max is
        < M − margin never win. A cell with one candidate is t throughout.
     2. ẑ (argmax over kept slots of logit + offset): the same with the offsets.
+       With ``zero_offsets`` (deeplab2's rule) ẑ is the argmax of the logits over kept
+       slots, i.e. the dominant slot wherever that one is kept (elsewhere ẑ is unused):
+       step 2 then reuses step 1's candidates instead of searching the kept channels.
     3. confidence 1 / S, S = Σ_kept exp(v_k − v_ẑ): by convexity of log-sum-exp, at a pixel
        with bilinear weights w_c, S ≤ Σ_c w_c exp(LSE_c − L_ẑ,c) (LSE_c: the kept-slot
        log-sum-exp at corner c); and S ≥ the sum over the ẑ candidates alone.
@@ -286,7 +289,8 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
       mask_logits: [B, h, w, N]; kept: [B, N] bools; index, valid: `_kept_slots(kept)`;
         offset: [B, N] added to the logits
         for ẑ (log p̂ for the paper rule, 0 for deeplab2's); size: (H, W) with
-        H − 1 = s_y·(h − 1), W − 1 = s_x·(w − 1); strides: (s_y, s_x), powers of two.
+        H − 1 = s_y·(h − 1), W − 1 = s_x·(w − 1); strides: (s_y, s_x), powers of two;
+        zero_offsets: True iff ``offset`` is all zeros (deeplab2's rule).
 
     Returns:
       int32 [B, H, W] codes.
@@ -336,21 +340,40 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
     # 2. ẑ over kept slots, ranked by logit + offset.
     low_k, off_k = _kept_logits(mask_logits, index, valid, offset)  # [B, h, w, K], [B, K]
     flat_k, off_flat = tf.reshape(low_k, [-1]), tf.reshape(off_k, [-1])
-    upper_k = tf.nn.max_pool2d(low_k, 2, 1, "SAME") + off_k[:, None, None, :]
-    first = tf.argmax(low_k + off_k[:, None, None, :], axis=-1, output_type=tf.int32)
-    first_corners = tf.gather(flat_k, cell_corner * num_kept + first[..., None])
-    first_off = tf.gather(off_k, first, batch_dims=1)
     off_scale = tf.reduce_max(tf.where(valid, tf.abs(off_k), 0.0), axis=-1)
     margin_k = _BOUND_MARGIN * (1.0 + tf.abs(scale) + off_scale)
-    bound_k = tf.reduce_min(first_corners, -1) + first_off - margin_k[:, None, None]
-    pairs_k = tf.cast(tf.where(valid[:, None, None, :] & (upper_k >= bound_k[..., None])),
-                      tf.int32)
-    pair_k_cell = (pairs_k[:, 0] * h + pairs_k[:, 1]) * w + pairs_k[:, 2]
-    mixed_k = _count(pair_k_cell, num_cells) > 1
-    # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the first slot's logit
-    # (kept logits exceed it by at most the offsets' spread, |log p̂| ≤ 69: no overflow).
-    lse = first_corners[..., 0] + tf.math.log(
-        tf.reduce_sum(tf.exp(low_k - first_corners[..., :1]), -1))  # [B, h, w]
+    if zero_offsets:
+        # ẑ = `top` where `top` is kept (the only cells where `first` is used, see
+        # `cell_code`); the ẑ candidates of a cell are its kept dominant-slot candidates
+        # (a cell where `top` is kept and not alone is `mixed`, so mixed_k adds nothing).
+        first_slot = top
+        first_corners = top_corners
+        num_pairs_k = tf.reduce_sum(tf.cast(pair_kept, tf.int32))
+        # Slot -> its position among the kept slots of its image (index order).
+        position = tf.reshape(tf.cumsum(tf.cast(kept, tf.int32), axis=-1, exclusive=True),
+                              [-1])
+        mixed_k = tf.zeros_like(may_keep)
+        # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the kept maximum
+        # (`top` may be discarded here, and its logit far above every kept one).
+        max_k = tf.reduce_max(low_k, -1, keepdims=True)
+        lse = max_k[..., 0] + tf.math.log(tf.reduce_sum(tf.exp(low_k - max_k), -1))
+    else:
+        upper_k = tf.nn.max_pool2d(low_k, 2, 1, "SAME") + off_k[:, None, None, :]
+        first = tf.argmax(low_k + off_k[:, None, None, :], axis=-1, output_type=tf.int32)
+        first_slot = tf.gather(index, first, batch_dims=1)
+        first_corners = tf.gather(flat_k, cell_corner * num_kept + first[..., None])
+        first_off = tf.gather(off_k, first, batch_dims=1)
+        bound_k = tf.reduce_min(first_corners, -1) + first_off - margin_k[:, None, None]
+        pairs_k = tf.cast(tf.where(valid[:, None, None, :] & (upper_k >= bound_k[..., None])),
+                          tf.int32)
+        pair_k_cell = (pairs_k[:, 0] * h + pairs_k[:, 1]) * w + pairs_k[:, 2]
+        num_pairs_k = tf.shape(pair_k_cell)[0]
+        mixed_k = _count(pair_k_cell, num_cells) > 1
+        # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the first slot's
+        # logit (kept logits exceed it by at most the offsets' spread, |log p̂| ≤ 69: no
+        # overflow).
+        lse = first_corners[..., 0] + tf.math.log(
+            tf.reduce_sum(tf.exp(low_k - first_corners[..., :1]), -1))  # [B, h, w]
     lse_flat = tf.reshape(lse, [-1])
     # Rounding slack of a confidence bound: values off by ≤ margin, sums by ≤ _SUM_SLACK.
     slack = tf.exp(2.0 * margin_k) * (1.0 + _SUM_SLACK)  # [B]
@@ -363,7 +386,6 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
                  | (may_keep & (tf.reshape(mixed_k, [batch, h, w]) | ~sure)))
     # Settled cells: dominant `top` throughout; confident with ẑ = first if a kept slot can
     # dominate (then `top` is that kept slot), else void.
-    first_slot = tf.gather(index, first, batch_dims=1)
     cell_code = ((tf.range(batch)[:, None, None] * n + top) * num_codes
                  + tf.where(may_keep, 1 + first_slot, 0))
     # Pixels of each cell inside the image (the last cell row/column has one row/column).
@@ -386,18 +408,27 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         sel = tf.gather(open_flat, pair_cell)
         d_cell, d_slot = tf.boolean_mask(pair_cell, sel), tf.boolean_mask(pair_slot, sel)
         d_row = tf.gather(rank, d_cell)
-        value = _bilinear_cells(corners_of(flat, n, d_cell, d_slot), strides)  # [Pd, s]
+        d_corners = corners_of(flat, n, d_cell, d_slot)
+        value = _bilinear_cells(d_corners, strides)  # [Pd, s]
         best = _segment(tf.math.segment_max, value, d_row, num_open)
         dominant = _segment(tf.math.segment_min, tf.where(
             tf.equal(value, tf.gather(best, d_row)), d_slot[:, None], n), d_row, num_open)
         dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
-        sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
-        z_cell = tf.boolean_mask(pair_k_cell, sel)
-        z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
+        if zero_offsets:  # the kept dominant-slot candidates, already interpolated
+            d_index = d_cell // per_image * n + d_slot
+            z_sel = tf.where(tf.gather(tf.reshape(kept, [-1]), d_index)
+                             & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
+            z_cell = tf.gather(d_cell, z_sel)
+            z_pos = tf.gather(position, tf.gather(d_index, z_sel))
+            z_corners, z_value = tf.gather(d_corners, z_sel), tf.gather(value, z_sel)
+        else:
+            sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
+            z_cell = tf.boolean_mask(pair_k_cell, sel)
+            z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
+            z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
+            z_value = _bilinear_cells(z_corners, strides)
         z_row = tf.gather(rank, z_cell)
-        z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
-        z_value = _bilinear_cells(z_corners, strides)
         z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
         z_scored = z_value + z_off
         # (Open cells without kept candidates get 0s: their pixels are void anyway.)
@@ -462,7 +493,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         table = tf.transpose(tf.reshape(table, [batch, h, w, sy, sx]), [0, 1, 3, 2, 4])
         return tf.reshape(table, [batch, h * sy, w * sx])[:, :out_h, :out_w]
 
-    num_pairs = tf.shape(pairs)[0] + tf.shape(pairs_k)[0]
+    num_pairs = tf.shape(pairs)[0] + num_pairs_k
     return tf.cond(num_pairs <= limit, open_cells, dense_codes)
 
 
@@ -702,7 +733,8 @@ def postprocess(
             codes, confidence = dense()
         else:
             codes = _cell_codes(mask_logits, kept, index, valid, offset, out_size, strides,
-                                pixel_threshold, lambda: dense()[0])
+                                pixel_threshold, lambda: dense()[0],
+                                zero_offsets=not weight_masks_by_class_confidence)
             # Only for the pixel_confidence output: graphs that do not fetch it skip this.
             confidence = _kept_choice_dense(mask_logits, index, valid, offset, out_size,
                                             resize_method)[1]
