@@ -532,12 +532,18 @@ def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.T
     def lookup(table: tf.Tensor) -> tf.Tensor:
         return tf.gather(tf.reshape(table, [-1]), codes)
 
+    # The three label maps in one gather of [codes, 3] rows: TF's CPU gather copies one row
+    # per index, so three columns cost about what one does (~2x faster than three gathers).
+    labels = tf.stack([
+        per_code(void, tf.where(survives, label * label_divisor + instance, void_label), void),
+        tf.broadcast_to((slot_class + label_offset)[:, :, None], [batch, num_slots, num_codes]),
+        per_code(zero, instance, zero)], axis=-1)
+    panoptic, semantic, instance_map = tf.unstack(
+        tf.gather(tf.reshape(labels, [-1, 3]), codes), axis=-1)
     return {
-        "panoptic": lookup(per_code(void, tf.where(survives, label * label_divisor + instance,
-                                                   void_label), void)),
-        "semantic": lookup(tf.broadcast_to((slot_class + label_offset)[:, :, None],
-                                           [batch, num_slots, num_codes])),
-        "instance": lookup(per_code(zero, instance, zero)),
+        "panoptic": panoptic,
+        "semantic": semantic,
+        "instance": instance_map,
         "mask_id": lookup(per_code(zero, slot_id, slot_id)),
         "class_confidence": lookup(per_code(tf.zeros_like(slot_conf), slot_conf, slot_conf)),
     }
