@@ -9,9 +9,10 @@ comparable across machines. Reference (deeplab2's post-processor, same machine k
 
     python benchmarks/bench_postprocess.py [--rounds 7] [--batch 1] [--logits smooth|white]
 
-The machine is shared, so its load drifts during a run: each row is measured in rounds of
-(one matmul, best of 3 post-processing runs), and the median of the per-round ratios is
-reported with the median time and the load average.
+The machine is shared, so its speed drifts during a run: the rows are measured together,
+in rounds of (one matmul, then best of 3 runs of every row in turn), and each row reports
+the median of its per-round ratios with its median time, so that all rows (and the unit)
+see the same conditions.
 
 Rows:
 * ``export keys``: the function returns what the SavedModel's serving signature returns
@@ -54,16 +55,20 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def timed_rounds(fn, unit_fn, rounds: int) -> tuple[float, float]:
-    """(median seconds of ``fn``, median ratio to ``unit_fn``) over interleaved rounds."""
-    fn()  # warm-up (tracing / compilation)
-    seconds, ratios = [], []
+def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
+    """Per function: (median seconds, median ratio to ``unit_fn``) over rounds of one unit
+    measurement followed by every function in turn."""
+    for fn in fns:
+        fn()  # warm-up (tracing / compilation)
+    seconds = [[] for _ in fns]
+    ratios = [[] for _ in fns]
     for _ in range(rounds):
         unit = _best_time(unit_fn, 1)
-        best = _best_time(fn, 3)
-        seconds.append(best)
-        ratios.append(best / unit)
-    return float(np.median(seconds)), float(np.median(ratios))
+        for i, fn in enumerate(fns):
+            best = _best_time(fn, 3)
+            seconds[i].append(best)
+            ratios[i].append(best / unit)
+    return [(float(np.median(s)), float(np.median(r))) for s, r in zip(seconds, ratios)]
 
 
 def make_outputs(batch: int, size: int, logits: str, seed: int = 0) -> dict[str, tf.Tensor]:
@@ -127,16 +132,18 @@ def main() -> None:
         rows.append(("export keys, jit_compile=True", True, None, EXPORT_KEYS))
     # Paper rule: argmax_i p̂_i·m̂_i; deeplab2 rule: argmax_i m̂_i, the rule the reference's
     # 0.17 units were measured with.
+    labels, fns = [], []
     for rule, paper_rule in (("paper rule", True), ("deeplab2 rule", False)):
         for name, jit, dynamic, keys in rows:
             fn = tf.function(lambda o, p=paper_rule, d=dynamic, k=keys: run(o, p, d, k),
                              jit_compile=jit)
-            seconds, ratio = timed_rounds(
-                lambda fn=fn: [v.numpy() for v in fn(outputs).values()],
-                lambda: matmul().numpy(), args.rounds)
-            print(f"{rule:14s} {name:30s} {seconds / args.batch * 1e3:8.1f} ms/image = "
-                  f"{ratio / args.batch:.3f} units (reference {REFERENCE_UNITS}, "
-                  f"target ≤ {TARGET_UNITS}); load {os.getloadavg()[0]:.2f}")
+            labels.append((rule, name))
+            fns.append(lambda fn=fn: [v.numpy() for v in fn(outputs).values()])
+    results = timed_rounds(fns, lambda: matmul().numpy(), args.rounds)
+    for (rule, name), (seconds, ratio) in zip(labels, results):
+        print(f"{rule:14s} {name:30s} {seconds / args.batch * 1e3:8.1f} ms/image = "
+              f"{ratio / args.batch:.3f} units (reference {REFERENCE_UNITS}, "
+              f"target ≤ {TARGET_UNITS})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
