@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -67,17 +66,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--noper_class", dest="per_class", action="store_false",
                         help="Same as --per_class=false.")
     return parser
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Writes atomically so a reader never sees a half-written metrics file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _import_numpy_without_blas_threads() -> None:
@@ -147,6 +135,7 @@ def main(argv: list[str]) -> int:
               + ", ".join(f"--{n}" for n in missing), file=sys.stderr)
         return 2
     _import_numpy_without_blas_threads()
+    from max_deeplab.atomic_files import write_json_atomic
     from max_deeplab.evaluation.coco_panoptic import (
         PanopticEvalError,
         build_jobs,
@@ -167,7 +156,7 @@ def main(argv: list[str]) -> int:
     print(f"{len(jobs)} images evaluated in {time.perf_counter() - start:.2f} s")
     if args.output:
         try:
-            _write_json(args.output, result)
+            write_json_atomic(args.output, result)
         except OSError as e:
             print(f"{argv[0]}: error: cannot write --output {args.output}: {e}", file=sys.stderr)
             return 1

@@ -15,6 +15,7 @@ import sys
 
 from absl import flags
 
+from max_deeplab.atomic_files import write_text_atomic
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
 
@@ -128,10 +129,7 @@ def save_run_config(model_dir: str, **data_flags: str | None) -> None:
     tf.io.gfile.makedirs(model_dir)
     for name, text in ((RUN_CONFIG_GIN, gin.config_str()),
                        (RUN_CONFIG_JSON, json.dumps(data_flags, indent=1))):
-        path = f"{model_dir.rstrip('/')}/{name}"
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            f.write(text)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        write_text_atomic(f"{model_dir.rstrip('/')}/{name}", text)
 
 
 def _run(strategy_name: str, options: dict):

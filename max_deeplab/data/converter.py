@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data import coco_format, schema
 from max_deeplab.data import metadata as metadata_lib
 
@@ -134,7 +135,7 @@ def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix:
         source={"annotations": os.path.abspath(annotations),
                 "images": os.path.abspath(images_dir),
                 "panoptic": os.path.abspath(panoptic_dir)})
-    metadata_lib.write_json_atomic(metadata_lib.metadata_path(output_prefix), metadata)
+    write_json_atomic(metadata_lib.metadata_path(output_prefix), metadata)
     stale = sorted(set(glob.glob(f"{glob.escape(output_prefix)}-?????-of-?????.tfrecord"))
                    - set(finals))
     if stale:

@@ -84,17 +84,6 @@ def build_metadata(categories: list[dict[str, Any]],
     return metadata
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    """Writes through a temporary name so a reader never sees a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def find_metadata(path_or_glob: str) -> str:

@@ -15,7 +15,6 @@ the data set is reproducible and independent of the split.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data.coco_format import id_to_rgb
 
 # (COCO-style id, name, isthing, colour used for visualisation, base hue of its pixels)
@@ -283,7 +283,5 @@ def write_dataset(output_dir: str, num_images: int, seed: int = 0, height: int =
             "categories": categories_json(),
         }
         path = os.path.join(output_dir, "annotations", f"panoptic_{split}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(data, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, data, indent=None)
     return {split: len(indices) for split, indices in splits.items()}

@@ -19,7 +19,6 @@ chief's latest checkpoint in `model_dir`, so no two processes write the same pat
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import tensorflow as tf
 import tf_keras as tfk
 from absl import logging
 
+from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.training.trainer import Evaluator, Trainer
 
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
@@ -304,14 +304,8 @@ class _NonChiefCheckpointManager(tf.train.CheckpointManager):
 
 def _write_metrics(model_dir: str, step: int, result: dict) -> None:
     """`DIR/eval/metrics.json`: the PQ result (DESIGN.md §6 `evaluate`) with its step."""
-    directory = os.path.join(model_dir, "eval")
-    tf.io.gfile.makedirs(directory)
-    payload = dict(result)
-    payload["step"] = step
-    path = os.path.join(directory, "metrics.json")
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1, default=float)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    write_json_atomic(os.path.join(model_dir, "eval", "metrics.json"), {**result, "step": step},
+                      indent=1, default=float)
 
 
 def _preemption_handler(strategy: tf.distribute.Strategy,

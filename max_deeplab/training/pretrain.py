@@ -25,7 +25,6 @@ dense kernels), label smoothing 0.1, 224 x 224 crops — and every one is a gin 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ import tensorflow as tf
 import tf_keras as tfk
 from absl import logging
 
+from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data.imagenet import imagenet_dataset
 from max_deeplab.model.encoder import MaXDeepLabEncoder
 from max_deeplab.model.max_deeplab import batch_norm_layer
@@ -334,10 +334,6 @@ def run_pretraining(*, mode: str, model_dir: str, strategy: tf.distribute.Strate
         print_fn(f"eval at step {step}: top-1 {result['top_1_accuracy']:.4f} | top-5 "
                  f"{result['top_5_accuracy']:.4f} | cross-entropy "
                  f"{result['cross_entropy']:.4f} | {int(result['num_examples'])} images")
-        directory = os.path.join(model_dir, "eval")
-        tf.io.gfile.makedirs(directory)
-        path = os.path.join(directory, "metrics.json")
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            json.dump({**result, "step": step}, f, indent=1)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        write_json_atomic(os.path.join(model_dir, "eval", "metrics.json"),
+                          {**result, "step": step}, indent=1)
     return result
