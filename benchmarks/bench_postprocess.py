@@ -10,9 +10,9 @@ comparable across machines. Reference (deeplab2's post-processor, same machine k
     python benchmarks/bench_postprocess.py [--rounds 7] [--batch 1] [--logits smooth|white]
 
 The machine is shared, so its speed drifts during a run: the rows are measured together,
-in rounds of (one matmul, then best of 3 runs of every row in turn), and each row reports
-the median of its per-round ratios with its median time, so that all rows (and the unit)
-see the same conditions.
+in rounds; in each round every row, in an order rotated from round to round, is timed as
+(one matmul, best of 3 runs of the row), and each row reports the median of its per-round
+ratios with its median time.
 
 Rows:
 * ``export keys``: the function returns what the SavedModel's serving signature returns
@@ -56,16 +56,17 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
-    """Per function: (median seconds, median ratio to ``unit_fn``) over rounds of one unit
-    measurement followed by every function in turn."""
+    """Per function: (median seconds, median ratio to ``unit_fn``) over rounds in which every
+    function, starting from a different one each round, is timed right after one unit."""
     for fn in fns:
         fn()  # warm-up (tracing / compilation)
     seconds = [[] for _ in fns]
     ratios = [[] for _ in fns]
-    for _ in range(rounds):
-        unit = _best_time(unit_fn, 1)
-        for i, fn in enumerate(fns):
-            best = _best_time(fn, 3)
+    for r in range(rounds):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            unit = _best_time(unit_fn, 1)
+            best = _best_time(fns[i], 3)
             seconds[i].append(best)
             ratios[i].append(best / unit)
     return [(float(np.median(s)), float(np.median(r))) for s, r in zip(seconds, ratios)]

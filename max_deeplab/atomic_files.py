@@ -27,23 +27,31 @@ def write_text_atomic(path: str, text: str) -> None:
         gfile = tf.io.gfile
         gfile.makedirs(os.path.dirname(path))
         try:
-            with gfile.GFile(tmp, "w") as f:
+            with gfile.GFile(tmp, "w") as f:  # GFile writes UTF-8
                 f.write(text)
             gfile.rename(tmp, path, overwrite=True)
         finally:
-            if gfile.exists(tmp):
-                gfile.remove(tmp)
+            _remove_quietly(gfile.exists, gfile.remove, tmp)
         return
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(os.path.exists, os.remove, tmp)
+
+
+def _remove_quietly(exists: Callable[[str], bool], remove: Callable[[str], None],
+                    path: str) -> None:
+    """Removes a leftover temporary file; a failure here must not hide the write's error."""
+    try:
+        if exists(path):
+            remove(path)
+    except Exception:  # best effort: the caller's own exception is what matters
+        pass
 
 
 def write_json_atomic(path: str, data: Any, indent: int | None = 2,

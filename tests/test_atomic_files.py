@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -27,6 +29,18 @@ def test_default_converts_what_json_cannot(tmp_path):
     atomic_files.write_json_atomic(path, {"pq": np.float32(0.25)}, default=float)
     with open(path) as f:
         assert json.load(f) == {"pq": 0.25}
+
+
+def test_text_is_utf8_whatever_the_locale(tmp_path):
+    # A process whose locale encoding is ASCII (C locale, no UTF-8 mode or coercion), as on
+    # some batch hosts: gin configs hold non-ASCII text (docstrings, ẑ) and must still write.
+    path = str(tmp_path / "operative_config.gin")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = ("import sys; from max_deeplab.atomic_files import write_text_atomic; "
+            "write_text_atomic(sys.argv[1], chr(0x1E91) + chr(10))")
+    subprocess.run([sys.executable, "-c", code, path], check=True, env=env)
+    with open(path, "rb") as f:
+        assert f.read() == "\u1e91\n".encode()
 
 
 def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):

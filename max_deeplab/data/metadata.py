@@ -84,8 +84,6 @@ def build_metadata(categories: list[dict[str, Any]],
     return metadata
 
 
-
-
 def find_metadata(path_or_glob: str) -> str:
     """The metadata file of a data set given as a shard glob, one shard, a prefix or the JSON.
 
