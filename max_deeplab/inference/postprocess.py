@@ -410,9 +410,10 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         d_row = tf.gather(rank, d_cell)
         d_corners = corners_of(flat, n, d_cell, d_slot)
         value = _bilinear_cells(d_corners, strides)  # [Pd, s]
-        best = _segment(tf.math.segment_max, value, d_row, num_open)
+        dominant_value = _segment(tf.math.segment_max, value, d_row, num_open)
         dominant = _segment(tf.math.segment_min, tf.where(
-            tf.equal(value, tf.gather(best, d_row)), d_slot[:, None], n), d_row, num_open)
+            tf.equal(value, tf.gather(dominant_value, d_row)), d_slot[:, None], n), d_row,
+            num_open)
         dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
         if zero_offsets:  # the kept dominant-slot candidates, already interpolated
@@ -429,16 +430,24 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
             z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
             z_value = _bilinear_cells(z_corners, strides)
         z_row = tf.gather(rank, z_cell)
-        z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
-        z_scored = z_value + z_off
-        # (Open cells without kept candidates get 0s: their pixels are void anyway.)
-        best = _segment(tf.math.segment_max, z_scored, z_row, num_open)
-        chosen = _segment(tf.math.segment_min, tf.where(
-            tf.equal(z_scored, tf.gather(best, z_row)), z_pos[:, None], num_kept), z_row,
-            num_open)
-        is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
-        chosen_value = _segment(tf.math.segment_max, tf.where(is_chosen, z_value, -np.inf),
-                                z_row, num_open)
+        if zero_offsets:
+            # ẑ is the dominant slot where that one is kept (elsewhere unused; the position
+            # is clipped into range there).
+            chosen = tf.minimum(tf.gather(position, cell_image[:, None] * n + dominant),
+                                num_kept - 1)
+            is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
+            chosen_value = dominant_value
+        else:
+            z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
+            z_scored = z_value + z_off
+            # (Open cells without kept candidates get 0s: their pixels are void anyway.)
+            best = _segment(tf.math.segment_max, z_scored, z_row, num_open)
+            chosen = _segment(tf.math.segment_min, tf.where(
+                tf.equal(z_scored, tf.gather(best, z_row)), z_pos[:, None], num_kept), z_row,
+                num_open)
+            is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
+            chosen_value = _segment(tf.math.segment_max,
+                                    tf.where(is_chosen, z_value, -np.inf), z_row, num_open)
         # Bounds of S = Σ_kept exp(v_k − v_ẑ): candidates' partial sum ≤ S ≤ Jensen bound.
         lower = _segment(tf.math.segment_sum, tf.exp(z_value - tf.gather(chosen_value, z_row)),
                          z_row, num_open)
