@@ -416,28 +416,26 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
             num_open)
         dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
-        if zero_offsets:  # the kept dominant-slot candidates, already interpolated
+        if zero_offsets:
+            # The kept dominant-slot candidates, already interpolated; ẑ is the dominant slot
+            # where that one is kept (elsewhere unused; the position is clipped into range).
             d_index = d_cell // per_image * n + d_slot
             z_sel = tf.where(tf.gather(tf.reshape(kept, [-1]), d_index)
                              & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
-            z_cell = tf.gather(d_cell, z_sel)
+            z_cell, z_row = tf.gather(d_cell, z_sel), tf.gather(d_row, z_sel)
             z_pos = tf.gather(position, tf.gather(d_index, z_sel))
             z_corners, z_value = tf.gather(d_corners, z_sel), tf.gather(value, z_sel)
-        else:
-            sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
-            z_cell = tf.boolean_mask(pair_k_cell, sel)
-            z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
-            z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
-            z_value = _bilinear_cells(z_corners, strides)
-        z_row = tf.gather(rank, z_cell)
-        if zero_offsets:
-            # ẑ is the dominant slot where that one is kept (elsewhere unused; the position
-            # is clipped into range there).
             chosen = tf.minimum(tf.gather(position, cell_image[:, None] * n + dominant),
                                 num_kept - 1)
             is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
             chosen_value = dominant_value
         else:
+            sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
+            z_cell = tf.boolean_mask(pair_k_cell, sel)
+            z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
+            z_row = tf.gather(rank, z_cell)
+            z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
+            z_value = _bilinear_cells(z_corners, strides)
             z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
             z_scored = z_value + z_off
             # (Open cells without kept candidates get 0s: their pixels are void anyway.)
