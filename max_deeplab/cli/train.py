@@ -124,9 +124,7 @@ def save_run_config(model_dir: str, **data_flags: str | None) -> None:
     import json
 
     import gin
-    import tensorflow as tf
 
-    tf.io.gfile.makedirs(model_dir)
     for name, text in ((RUN_CONFIG_GIN, gin.config_str()),
                        (RUN_CONFIG_JSON, json.dumps(data_flags, indent=1))):
         write_text_atomic(f"{model_dir.rstrip('/')}/{name}", text)
