@@ -113,15 +113,16 @@ def _reference_losses(
         totals["pq_positive"] += weights[0] * alpha * pos / n
         totals["pq_negative"] += weights[0] * (1 - alpha) * neg / n
 
+        # Embeddings of every segment (things and stuff); the loss at thing pixels.
         things = [i for i in segments if thing[b, i]]
         emb = {}
-        for i in things:
+        for i in segments:
             mean = np.mean([feature[b][p] for p in pixels if seg[p] == i], axis=0)
             emb[i] = mean / np.linalg.norm(mean)
         inst, count = 0.0, 0
         for p in pixels:
             if seg[p] in things:
-                logits = {i: emb[i] @ feature[b][p] / tau for i in things}
+                logits = {i: emb[i] @ feature[b][p] / tau for i in segments}
                 denom = sum(np.exp(v) for v in logits.values())
                 inst += -np.log(np.exp(logits[seg[p]]) / denom)
                 count += 1
@@ -319,11 +320,41 @@ def test_term_functions_by_hand():
     for pixel, own in ((0, 0), (1, 0), (2, 1)):
         logit = np.array([t0 @ g[0, 0, pixel], t1 @ g[0, 0, pixel]]) / tau
         expected.append(-np.log(np.exp(logit[own]) / np.exp(logit).sum()))
+    both = tf.constant([[True, True]])
     got = instance_discrimination_loss(
-        tf.constant(g), tf.constant(masks), tf.constant([[True, True]]), temperature=tau
+        tf.constant(g), tf.constant(masks), both, both, temperature=tau
     )
     np.testing.assert_allclose(got.numpy(), [np.mean(expected)], rtol=1e-6)
     assert abs(np.mean(expected) - np.log(2)) < 1e-6  # identical embeddings: chance level
+
+
+def test_instance_discrimination_counts_thing_pixels_against_every_mask():
+    """Paper Eq. 12: K embeddings for all K masks (stuff too), loss at thing pixels only.
+
+    One thing (pixels 0, 1) and one stuff mask (pixels 2, 3), pixel 4 unlabelled; the stuff
+    embedding is a negative for the thing pixels, and the stuff pixels carry no loss.
+    """
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(1, 1, 5, 4)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    masks = np.zeros((1, 1, 5, 3), np.float32)
+    masks[0, 0, [0, 1], 0] = 1.0  # thing
+    masks[0, 0, [2, 3], 1] = 1.0  # stuff; mask 2 is absent (padding)
+    tau = 0.3
+    t = []
+    for k in range(2):
+        mean = g[0, 0][masks[0, 0, :, k] > 0].mean(0)
+        t.append(mean / np.linalg.norm(mean))
+    expected = []
+    for pixel in (0, 1):
+        logit = np.array([t[0] @ g[0, 0, pixel], t[1] @ g[0, 0, pixel]]) / tau
+        expected.append(-(logit[0] - np.log(np.exp(logit).sum())))
+    got = instance_discrimination_loss(
+        tf.constant(g), tf.constant(masks), tf.constant([[True, True, False]]),
+        tf.constant([[True, False, False]]), temperature=tau,
+    )
+    np.testing.assert_allclose(got.numpy(), [np.mean(expected)], rtol=1e-5)
+    assert got.numpy()[0] > 1e-3  # a single thing still has a negative: the stuff mask
 
 
 # ----------------------------------------------------------------------------- properties

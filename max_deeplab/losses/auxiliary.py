@@ -29,35 +29,41 @@ def _masked_mean(per_pixel: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
 
 def instance_discrimination_loss(
     pixel_feature: tf.Tensor,
-    thing_masks: tf.Tensor,
-    is_thing: tf.Tensor,
+    masks: tf.Tensor,
+    present: tf.Tensor,
+    counted: tf.Tensor,
     temperature: float = 0.3,
 ) -> tf.Tensor:
-    """Pixel-wise instance discrimination (paper Eq. 12), averaged over thing pixels.
+    """Pixel-wise instance discrimination (paper Eq. 12), averaged over the counted pixels.
 
-    ``t_i`` = L2-normalised mean of the decoder feature ``g`` over thing mask ``m_i``; at each
-    pixel of a thing mask, ``−log( Σ_i m_i,hw exp(t_i · g_hw / τ) / Σ_i exp(t_i · g_hw / τ) )``
-    with i over the image's thing masks. The masks do not overlap, so the numerator is the
-    term of the pixel's own mask and the loss is a softmax cross-entropy over the K embeddings.
+    ``t_i`` = L2-normalised mean of the decoder feature ``g`` over ground-truth mask ``m_i``,
+    for every one of the image's K masks, things and stuff ("which mask embedding, out of
+    K"); at each pixel of a counted mask (the thing masks: "applied to all instance
+    pixels"), ``−log( Σ_i m_i,hw exp(t_i · g_hw / τ) / Σ_i exp(t_i · g_hw / τ) )`` with i
+    over the K present masks, so stuff embeddings are negatives for thing pixels too. The
+    masks do not overlap, so the numerator is the term of the pixel's own mask and the loss
+    is a softmax cross-entropy over the K embeddings.
 
     Args:
       pixel_feature: float [B, h, w, D] decoder feature g, L2-normalised by the model.
-      thing_masks: float [B, h, w, K] binary masks of the thing segments (zero for others).
-      is_thing: bool [B, K] which of the K masks are present thing segments.
+      masks: float [B, h, w, K] binary ground-truth masks (zero for absent segments).
+      present: bool [B, K] which of the K masks exist (the softmax runs over these).
+      counted: bool [B, K] masks whose pixels carry the loss (the thing masks).
       temperature: τ (paper: 0.3).
 
     Returns:
       float [B].
     """
-    area = tf.reduce_sum(thing_masks, axis=[1, 2])  # [B, K]
-    summed = tf.einsum("bhwk,bhwd->bkd", thing_masks, pixel_feature)
+    area = tf.reduce_sum(masks, axis=[1, 2])  # [B, K]
+    summed = tf.einsum("bhwk,bhwd->bkd", masks, pixel_feature)
     mean = summed / tf.maximum(area, 1.0)[:, :, None]
     embeddings = tf.math.l2_normalize(mean, axis=-1)  # absent masks stay 0, gradient finite
     logits = tf.einsum("bhwd,bkd->bhwk", pixel_feature, embeddings) / temperature
-    logits = tf.where(is_thing[:, None, None, :], logits, _ABSENT_LOGIT)
-    own_logit = tf.reduce_sum(thing_masks * logits, axis=-1)
+    logits = tf.where(present[:, None, None, :], logits, _ABSENT_LOGIT)
+    own_logit = tf.reduce_sum(masks * logits, axis=-1)
     per_pixel = tf.reduce_logsumexp(logits, axis=-1) - own_logit
-    return _masked_mean(per_pixel, tf.reduce_sum(thing_masks, axis=-1))
+    weight = tf.reduce_sum(masks * tf.cast(counted, masks.dtype)[:, None, None, :], axis=-1)
+    return _masked_mean(per_pixel, weight)
 
 
 def mask_id_cross_entropy(

@@ -182,10 +182,10 @@ class MaXDeepLabLoss:
         losses["pq"] = losses["pq_positive"] + losses["pq_negative"]
 
         if self.use_instance_discrimination:
-            thing = tf.cast(gt.is_thing, tf.float32)[:, None, None, :]
             per_image = instance_discrimination_loss(
                 tf.cast(outputs["pixel_feature"], tf.float32),
-                gt.masks * thing,
+                gt.masks,
+                gt.present,
                 gt.is_thing,
                 temperature=self.instance_discrimination_temperature,
             )
