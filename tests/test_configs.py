@@ -40,3 +40,71 @@ def test_every_config_builds(config):
     parse_gin_flags([config], ["build_model.input_size = (65, 65)"])
     model = build_model()
     assert model.count_params() > 0
+
+
+def _effective(name: str, fn, parameter: str):
+    """What configurable `name` (`fn`) gets for `parameter` under the parsed config: the
+    bound value, else its default."""
+    import inspect
+
+    try:
+        return gin.query_parameter(f"{name}.{parameter}")
+    except ValueError:
+        return inspect.signature(fn).parameters[parameter].default
+
+
+def _recipe() -> dict:
+    from max_deeplab.data.pipeline import build_dataset
+    from max_deeplab.losses import MaXDeepLabLoss
+    from max_deeplab.model.encoder import MaXDeepLabEncoder
+    from max_deeplab.model.max_deeplab import batch_norm_layer
+    from max_deeplab.training.experiment import experiment_options
+    from max_deeplab.training.optimizers import build_optimizer
+
+    return {
+        "input": tuple(_effective("build_model", build_model, "input_size")),
+        "crop": tuple(_effective("build_dataset", build_dataset, "crop_size")),
+        "steps": _effective("experiment_options", experiment_options, "total_steps"),
+        "batch": _effective("experiment_options", experiment_options,
+                            "train_batch_size"),
+        "lr": _effective("max_deeplab_optimizer", build_optimizer, "base_learning_rate"),
+        "sync_bn": _effective("batch_norm_layer", batch_norm_layer, "synchronized"),
+        "memory": _effective("MaXDeepLabEncoder", MaXDeepLabEncoder, "memory_channels"),
+        "losses": tuple(_effective("MaXDeepLabLoss", MaXDeepLabLoss, f"use_{n}")
+                        for n in ("instance_discrimination", "mask_id", "semantic")),
+    }
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_training_crop_is_the_model_input_size(config):
+    parse_gin_flags([config], [])
+    recipe = _recipe()
+    assert recipe["crop"] == recipe["input"]
+
+
+# Paper §4 and the ablation tables: (input, steps, learning rate, sync BN, memory, losses
+# (instance discrimination, mask-ID, semantic)); batch 64 everywhere.
+ALL_LOSSES = (True, True, True)
+PAPER_RECIPES = {
+    "max_deeplab_s_coco_641.gin": ((641, 641), 400_000, 1e-3, True, 256, ALL_LOSSES),
+    "max_deeplab_s_coco_1025.gin": ((1025, 1025), 400_000, 1e-3, True, 256, ALL_LOSSES),
+    "max_deeplab_l_coco_1025.gin": ((1025, 1025), 400_000, 3e-4, True, 512, ALL_LOSSES),
+    "ablations/baseline.gin": ((641, 641), 100_000, 1e-3, True, 512, ALL_LOSSES),
+    "ablations/axial_p2p_1025.gin": ((1025, 1025), 100_000, 1e-3, True, 512, ALL_LOSSES),
+    "ablations/decoder_l2.gin": ((1025, 1025), 100_000, 1e-3, True, 512, ALL_LOSSES),
+    "ablations/pq_loss_only.gin": ((641, 641), 100_000, 1e-3, True, 512,
+                                   (False, False, False)),
+    "ablations/pq_and_instance_discrimination.gin": ((641, 641), 100_000, 1e-3, True, 512,
+                                                     (True, False, False)),
+    "ablations/pq_and_mask_id.gin": ((641, 641), 100_000, 1e-3, True, 512,
+                                     (False, True, False)),
+    "ablations/no_semantic.gin": ((641, 641), 100_000, 1e-3, True, 512, (True, True, False)),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PAPER_RECIPES))
+def test_paper_configs_carry_the_paper_recipe(config):
+    parse_gin_flags([config], [])
+    size, steps, lr, sync_bn, memory, losses = PAPER_RECIPES[config]
+    assert _recipe() == {"input": size, "crop": size, "steps": steps, "batch": 64, "lr": lr,
+                         "sync_bn": sync_bn, "memory": memory, "losses": losses}

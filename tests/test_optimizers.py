@@ -165,6 +165,10 @@ def test_backbone_regex_and_multiplier():
         "encoder/stage5/block1_transformer/memory_qkv_conv_bn/conv/kernel:0": False,
         "encoder/stage5_extra/block1/conv1_bn_act/conv/kernel:0": False,
         "encoder/decoder_stage1_extra/block1/conv1_bn/conv/kernel:0": False,
+        "encoder/decoder_stage1_extra_resized_fuse/resized_conv_bn1/conv/kernel:0": False,
+        "max_deeplab/encoder/decoder_stage1/block1/conv1_bn_act/conv/kernel:0": True,
+        "encoder/decoder_stage2_resized_fuse/resized_conv_bn1/batch_norm/beta:0": True,
+        "encoder/decoder_stage1/block1_transformer/memory_qkv_conv_bn/conv/kernel:0": False,
         "encoder/memory_feature:0": False,
         "class_head/kernel:0": False,
     }

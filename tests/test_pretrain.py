@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from max_deeplab.training.initial_checkpoint import (
     is_backbone_key,
     load_backbone_checkpoint,
 )
+from max_deeplab.training.optimizers import BACKBONE_VARIABLE_REGEX
 from max_deeplab.training.pretrain import (
     BackboneClassifier,
     ClassificationEvaluator,
@@ -283,6 +285,10 @@ def test_backbone_keys_are_the_classifier_encoder(tiny_models):
     assert is_backbone_key("_stage5/_block2/_conv1_bn_act/_conv/kernel")
     assert not is_backbone_key("_stage5/_block2_transformer/_conv1_bn_act/_conv/kernel")
     assert not is_backbone_key("_decoder_stage1_extra_resized_fuse/x")
+    # The optimiser's backbone learning-rate multiplier covers exactly what is pretrained.
+    multiplied = {id(v) for v in panoptic.trainable_variables
+                  if re.search(BACKBONE_VARIABLE_REGEX, v.name)}
+    assert multiplied == {id(v) for v in backbone.values() if v.trainable}
 
 
 def test_pretrained_backbone_lands_in_panoptic_model(pretrained, tiny_models):
@@ -384,6 +390,13 @@ def test_backbone_keys_of_l_shaped_model():
     classifier_keys = checkpoint_keys(classifier.encoder)
     assert any(k.startswith("_decoder_stage") for k in classifier_keys)
     assert set(backbone_variables(panoptic)) == set(classifier_keys)
+    # The optimiser's backbone learning-rate multiplier covers exactly what is pretrained.
+    pretrained = {id(v) for v in backbone_variables(panoptic).values() if v.trainable}
+    multiplied = {id(v) for v in panoptic.trainable_variables
+                  if re.search(BACKBONE_VARIABLE_REGEX, v.name)}
+    assert any("decoder_stage" in v.name for v in panoptic.trainable_variables
+               if id(v) in multiplied)
+    assert multiplied == pretrained
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tf_keras as tfk
 from shared_strategies import mirrored_two_cpus
 
+from max_deeplab.model.max_deeplab import batch_norm_layer
 from max_deeplab.training import build_optimizer
 from max_deeplab.training.experiment import load_initial_checkpoint, run_experiment
 from max_deeplab.training.trainer import (
@@ -124,6 +125,44 @@ def test_two_replicas_match_one_replica():
     # The progress line reports step, losses, learning rate, step time and ETA.
     assert lines and lines[-1].startswith("step 3/3 |") and "s/step" in lines[-1]
     assert "ETA 0:00:00" in lines[-1] and "lr=" in lines[-1]
+
+
+class StandInWithBatchNorm(StandIn):
+    """StandIn with the model's batch-norm factory between its two layers."""
+
+    def __init__(self, synchronized: bool):
+        super().__init__()
+        self.norm = batch_norm_layer(synchronized=synchronized)(name="norm")
+
+    def call(self, images, training=None):
+        hidden = self.norm(self.encoder(images / 255.0), training=training)
+        return {"out": self.head(tf.nn.relu(hidden))}
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_synchronized_batch_norm_makes_two_replicas_match_one(synchronized):
+    """Paper configs train with synchronised BN: statistics over the global batch, so two
+    replicas of half a batch each take one replica's steps; per-replica BN does not."""
+    two = mirrored_two_cpus()
+    if two is None:
+        pytest.skip("needs 2 logical CPUs (tests/conftest.py)")
+    runs = []
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), two):
+        with strategy.scope():
+            model = StandInWithBatchNorm(synchronized)
+            model(tf.zeros([1, H, W, 3]))
+            optimizer = build_optimizer(total_steps=100, base_learning_rate=0.05)
+            step = tf.Variable(0, dtype=tf.int64)
+        dataset = strategy.distribute_datasets_from_function(dataset_fn(4))
+        Trainer(strategy, model, standin_loss, optimizer, dataset, step, 4, 3,
+                print_fn=lambda _: None).train(tf.constant(3))
+        runs.append({v.name: v.numpy() for v in model.variables})
+    one, two_replicas = runs
+    same = all(np.allclose(one[k], two_replicas[k], rtol=1e-4, atol=1e-5) for k in one)
+    assert same == synchronized
+    if synchronized:
+        for k in one:
+            np.testing.assert_allclose(two_replicas[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def _run(model_dir, mode="train", steps=6, nan_from_step=None, **options):
@@ -424,3 +463,38 @@ def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
         run_experiment(mode="train", model_dir=str(tmp_path), strategy=None, model_fn=model_fn,
                        loss_fn_factory=None, optimizer_fn=None,
                        options=dict(mixed_precision="float16"))
+
+
+def test_images_of_another_size_than_the_model_are_an_error(tmp_path):
+    """A model built for 8x8 (`build_model.input_size`) with 8x6 data (`crop_size`): a clear
+    error naming both bindings, before any step; data of the model's size trains."""
+
+    def model_fn():
+        images = tfk.Input((H, W, 3))
+        hidden = tfk.layers.Conv2D(4, 3, padding="same", name="encoder")(images / 255.0)
+        return tfk.Model(images, {"out": tfk.layers.Dense(2, name="head")(hidden)})
+
+    def data_fn(width):
+        def fn(ctx, batch):
+            data = make_batch(batch)
+            return tf.data.Dataset.from_tensors(
+                {"image": data["image"][:, :, :width], "target": data["target"][:, :, :width]}
+            ).repeat()
+        return fn
+
+    def run(width, model_dir):
+        return run_experiment(
+            mode="train", model_dir=str(model_dir),
+            strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
+            loss_fn_factory=lambda strategy: standin_loss,
+            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            train_dataset_fn=data_fn(width),
+            options=dict(total_steps=1, train_batch_size=2, checkpoint_every=1),
+            print_fn=lambda line: None)
+
+    with pytest.raises(ValueError, match=r"the training images are 8x6 but the model is built "
+                                         r"for 8x8: bind build_dataset.crop_size = \(8, 8\)"):
+        run(6, tmp_path / "bad")
+    assert not tf.io.gfile.glob(str(tmp_path / "bad" / "ckpt-*"))
+    run(W, tmp_path / "good")
+    assert tf.io.gfile.glob(str(tmp_path / "good" / "ckpt-1*"))

@@ -137,6 +137,42 @@ def _steps_per_loop(steps_per_loop: int, checkpoint_every: int) -> int:
     return max(1, math.gcd(steps_per_loop, checkpoint_every))
 
 
+def _model_input_size(model: tfk.Model) -> tuple[int, int] | None:
+    """(H, W) a functional model is built for (`build_model.input_size`), None if unknown."""
+    try:
+        shape = model.input_shape
+    except (AttributeError, RuntimeError, ValueError):  # subclassed models have none
+        return None
+    if not isinstance(shape, tuple) or len(shape) != 4 or None in shape[1:3]:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+def _images_fit_model(dataset_fn: Callable, model: tfk.Model, split: str) -> Callable:
+    """`dataset_fn` checked to give images of the model's input size.
+
+    The data's crop (`build_dataset.crop_size`) and the model's input size
+    (`build_model.input_size`) are two bindings; a model built for one size would otherwise
+    run on another without a word (e.g. a 1025 model trained on 641 crops).
+    """
+    size = _model_input_size(model)
+    if size is None:
+        return dataset_fn
+
+    def checked(input_context, global_batch_size):
+        dataset = dataset_fn(input_context, global_batch_size)
+        spec = dataset.element_spec
+        image = spec.get("image") if isinstance(spec, Mapping) else None
+        got = tuple(image.shape[1:3]) if image is not None and image.shape.rank == 4 else ()
+        if len(got) == 2 and None not in got and got != size:
+            raise ValueError(
+                f"the {split} images are {got[0]}x{got[1]} but the model is built for "
+                f"{size[0]}x{size[1]}: bind build_dataset.crop_size = {size} (or "
+                f"build_model.input_size = {got}) so that they agree")
+        return dataset
+    return checked
+
+
 def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
                    model_fn: Callable[[], tfk.Model],
                    loss_fn_factory: Callable[[tf.distribute.Strategy], Callable],
@@ -183,8 +219,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
         trainer = evaluator = None
         if training:
             batch = int(opts["train_batch_size"])
+            train_fn = _images_fit_model(train_dataset_fn, model, "training")
             dataset = orbit.utils.make_distributed_dataset(
-                strategy, lambda input_context: train_dataset_fn(input_context, batch))
+                strategy, lambda input_context: train_fn(input_context, batch))
             trainer = Trainer(strategy, model, loss_fn, optimizer, dataset, global_step, batch,
                               total_steps, jit_compile=opts["jit_compile"], print_fn=print_fn)
         else:
@@ -192,8 +229,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
                 optimizer.build(model.trainable_variables)
         if evaluating:
             batch = int(opts["eval_batch_size"])
+            eval_fn = _images_fit_model(eval_dataset_fn, model, "evaluation")
             dataset = orbit.utils.make_distributed_dataset(
-                strategy, lambda input_context: eval_dataset_fn(input_context, batch))
+                strategy, lambda input_context: eval_fn(input_context, batch))
             evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
                                   postprocess_fn, global_step, label_divisor=label_divisor,
                                   image_summary_dir=os.path.join(write_dir, "eval_images"),

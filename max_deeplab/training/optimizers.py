@@ -54,10 +54,13 @@ import tf_keras as tfk
 from max_deeplab.training.schedules import build_learning_rate_schedule
 
 # Variables of the ImageNet-pretrained backbone, by their tf_keras names, e.g.
-# `encoder/stage4/block2/attention/height_axis/qkv_kernel:0`. Stage blocks named
-# `block<k>_transformer` (dual-path blocks), `stage5_extra`, `decoder_stage*_extra`,
-# `memory_feature` and the heads are not matched.
-BACKBONE_VARIABLE_REGEX = r"(^|/)encoder/(stem|stage[1-5])/(?!block\d+_transformer/)"
+# `encoder/stage4/block2/attention/height_axis/qkv_kernel:0`: the stem, the stages and the
+# backbone's own stacked decoder (MaX-DeepLab-L's pretrained hourglass, `decoder_stage<k>`
+# and `decoder_stage<k>_resized_fuse`) — the variables `load_backbone_checkpoint` loads.
+# Blocks named `block<k>_transformer` (dual-path blocks), `stage5_extra`,
+# `decoder_stage*_extra`, `memory_feature` and the heads are not matched.
+BACKBONE_VARIABLE_REGEX = (r"(^|/)encoder/(stem|stage[1-5]|decoder_stage\d+(_resized_fuse)?)/"
+                           r"(?!block\d+_transformer/)")
 
 # Convolution / dense kernels (`kernel:0`, and the axial attention's `qkv_kernel:0`).
 KERNEL_VARIABLE_REGEX = r"kernel(:\d+)?$"
