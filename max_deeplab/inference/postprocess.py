@@ -79,13 +79,17 @@ def scaled_area_limit(limit: float, image_size: Sequence[int],
     """Area limit (pixels) at ``image_size`` for a limit defined at ``reference_size``².
 
     DESIGN.md §5: the limits 4096 (stuff) / 256 (thing) are meant for 1025x1025 inputs and
-    scale with the input area (the reference's 1600 / 100 at 641 are these, rounded).
-    ``reference_size=None`` means the limit is already an absolute pixel count.
+    scale with the input area, measured as (H − 1)(W − 1) — MaX-DeepLab inputs are
+    stride·k + 1 pixels, so this is the area in output-stride cells — which gives exactly
+    the reference's 1600 / 100 at 641 (4096·640²/1024²); the pixel count H·W would give
+    1602. ``reference_size=None`` means the limit is already an absolute pixel count.
     """
     if reference_size is None:
         return int(round(limit))
+    if reference_size < 2:
+        raise ValueError(f"area_limit_reference_size must be >= 2 or None, got {reference_size}")
     h, w = int(image_size[0]), int(image_size[1])
-    return int(round(limit * h * w / float(reference_size * reference_size)))
+    return int(round(limit * (h - 1) * (w - 1) / float((reference_size - 1) ** 2)))
 
 
 def upsample_logits(logits: tf.Tensor, size: Sequence[int], method: str = "align_corners"
