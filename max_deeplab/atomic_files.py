@@ -17,11 +17,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from max_deeplab.file_system import is_url
+
 
 def write_text_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` atomically (see module docstring); creates the directory."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    if "://" in path:
+    if is_url(path):
         import tensorflow as tf
 
         gfile = tf.io.gfile

@@ -18,7 +18,11 @@ import tensorflow as tf
 import tf_keras as tfk
 
 from max_deeplab.inference import export_saved_model, postprocess
-from max_deeplab.inference.export import PanopticServingModule, category_table
+from max_deeplab.inference.export import (
+    ExportDirectoryError,
+    PanopticServingModule,
+    category_table,
+)
 
 NUM_CLASSES = 4
 NUM_SLOTS = 6
@@ -130,6 +134,11 @@ def test_category_table_orders_and_checks():
     assert category_table({"categories": cats}, NUM_CLASSES)["category_ids"] == [11, 3, 40, 50]
     with pytest.raises(ValueError, match="lists 4 categories but the model predicts 5"):
         category_table({"categories": CATEGORIES}, 5)
+    # A category without isthing is an error, not silently stuff.
+    no_isthing = [{k: v for k, v in c.items() if k != "isthing" or c["id"] != 11}
+                  for c in CATEGORIES]
+    with pytest.raises(ValueError, match="category id 11 has no 'isthing'"):
+        category_table({"categories": no_isthing}, NUM_CLASSES)
 
 
 def test_serving_matches_direct_postprocess_at_export_size():
@@ -186,8 +195,26 @@ def test_export_loads_without_package_and_matches(tmp_path):
         assert name in show.stdout
 
     # A second export into the same (non-empty) directory is refused.
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ExportDirectoryError, match="not empty"):
         export_saved_model(model, str(export_dir), meta, input_size=(33, 49))
+
+
+def test_export_takes_the_label_divisor_of_the_data_set(tmp_path):
+    """The metadata's label divisor (what `train` evaluates with), not gin's default 256."""
+    model = _standin()
+    export_dir = tmp_path / "export"
+    export_saved_model(model, str(export_dir), {"categories": CATEGORIES, "label_divisor": 1000},
+                       input_size=(33, 49))
+    loaded = tf.saved_model.load(str(export_dir))
+    assert loaded.signatures["metadata"]()["label_divisor"].numpy() == 1000
+    with open(export_dir / "assets" / "metadata.json") as f:
+        assert json.load(f)["label_divisor"] == 1000
+    panoptic = loaded.signatures["serving_default"](image=tf.constant(_image(33, 49)))["panoptic"]
+    direct = postprocess(model(tf.constant(_image(33, 49)[None], tf.float32)),
+                         is_thing=[True, True, False, False], image_size=(33, 49),
+                         label_divisor=1000)
+    np.testing.assert_array_equal(panoptic.numpy(), direct["panoptic"][0].numpy())
+    assert panoptic.numpy().max() >= 1000
 
 
 @pytest.mark.slow  # builds the tiny-config model (~15 s)
@@ -195,8 +222,8 @@ def test_export_cli_reports_checkpoint_mismatch(tmp_path, capsys):
     from max_deeplab.cli import export as export_cli
 
     ckpt = tf.train.Checkpoint(model=_standin()).write(str(tmp_path / "ckpt" / "ckpt-1"))
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"categories": CATEGORIES}))
+    meta = tmp_path / "meta.json"  # as many classes as tiny.gin's model: only weights differ
+    meta.write_text(json.dumps({"categories": [{"id": i, "isthing": 1} for i in range(8)]}))
     code = export_cli.main(["max-deeplab export", "--checkpoint", ckpt, "--export_dir",
                             str(tmp_path / "out"), "--gin_file", "tiny.gin",
                             "--metadata", str(meta)])
@@ -206,7 +233,7 @@ def test_export_cli_reports_checkpoint_mismatch(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     code = export_cli.main(["max-deeplab export", "--checkpoint", str(tmp_path / "nope"),
                             "--export_dir", str(tmp_path / "out")])
-    assert code == 2 and "--metadata" in capsys.readouterr().err
+    assert code == 2 and "--checkpoint: no checkpoint at" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -263,6 +263,17 @@ def test_error_unknown_category(crafted, capsys):
     assert code == 1 and "unknown category_id 999" in err and str(sid) in err
 
 
+def test_error_category_without_isthing(crafted, capsys):
+    # The reference evaluator fails here too; taking it as stuff would misreport Things/Stuff.
+    def bad(d):
+        del d["categories"][0]["isthing"]
+    _edit_json(crafted["gt_json"], bad)
+    cid = json.load(open(crafted["gt_json"]))["categories"][0]["id"]
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and crafted["gt_json"] in err
+    assert f"category id {cid} has no 'isthing'" in err
+
+
 @pytest.mark.parametrize("side", ["missing_prediction", "extra_prediction", "duplicate"])
 def test_error_image_sets_differ(crafted, capsys, side):
     def edit(d):

@@ -3,15 +3,20 @@
     max-deeplab export --checkpoint CKPT --export_dir DIR [--gin_file F --gin_bindings B]
                        [--metadata PATH] [--input_size H,W]
 
+CKPT is a `train` model directory (its latest checkpoint) or a checkpoint prefix. As
+`evaluate` does, the model config defaults to the run's saved config.gin beside the
+checkpoint and the data-set metadata to that of the data recorded in the run's run.json
+(`train_data`, else `eval_data`); --gin_file / --metadata override them. DIR must not exist
+or be empty.
+
 The SavedModel loads with plain `tf.saved_model.load` (no custom ops, no need for this
 package). Signatures: `serving_default` (uint8 image [H, W, 3], any size), `serving_batched`
-(uint8 [B, H, W, 3]) and `metadata` (category ids, names, isthing). Post-processing
-settings (thresholds, area limits) are taken from gin (`postprocess.*` bindings).
+(uint8 [B, H, W, 3]) and `metadata` (category ids, names, isthing). The panoptic label
+divisor is the data set's (metadata `label_divisor`); other post-processing settings
+(thresholds, area limits) are taken from gin (`postprocess.*` bindings).
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import sys
 
@@ -19,28 +24,77 @@ from absl import flags
 
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.data.metadata import MetadataError, find_metadata, load_categories_file
+from max_deeplab.file_system import glob_files
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory (latest checkpoint) or prefix.",
-                    allow_override=True)
+flags.DEFINE_string("checkpoint", None, "A `train` model directory (latest checkpoint) or a "
+                    "checkpoint prefix.", allow_override=True)
 flags.DEFINE_string("export_dir", None, "Directory to write the SavedModel to (must not "
                     "exist or be empty).", allow_override=True)
 flags.DEFINE_string("metadata", None, "Data-set metadata JSON written by `convert` "
                     "(PREFIX-metadata.json), or a COCO panoptic JSON with 'categories'. "
-                    "Default: a *metadata.json next to the checkpoint.", allow_override=True)
+                    "Default: the metadata of the data in the run's run.json, else a "
+                    "*metadata.json beside the checkpoint.", allow_override=True)
 flags.DEFINE_string("input_size", None, "H,W the image is resized-to-fit and padded to "
                     "(default: gin build_model.input_size).", allow_override=True)
 
 FLAGS = flags.FLAGS
 
 
-def _find_metadata(checkpoint: str) -> str | None:
-    """A metadata JSON beside the checkpoint (or in its parent directory), if any."""
-    base = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or "."
-    for directory in (base, os.path.dirname(os.path.abspath(base))):
-        found = sorted(glob.glob(os.path.join(directory, "*metadata.json")))
+class ExportSetupError(ValueError):
+    """A problem found before the model is built (the message names the flag or file)."""
+
+
+def _metadata_beside(run_dir: str) -> str | None:
+    """A metadata JSON in the checkpoint's directory (or its parent), if any."""
+    for directory in (run_dir, os.path.dirname(run_dir.rstrip("/"))):
+        found = glob_files(os.path.join(directory, "*metadata.json"))
         if found:
             return found[0]
     return None
+
+
+def _metadata_path(run_dir: str) -> str:
+    """--metadata, else the metadata of the data the run was trained (or evaluated) on, as
+    recorded in its run.json, else a metadata file beside the checkpoint."""
+    # Imported once the flags are parsed: `evaluate` imports `train`, whose flags `export`
+    # does not take and must not list in its --help.
+    from max_deeplab.cli import evaluate, train
+
+    if FLAGS.metadata:
+        return FLAGS.metadata
+    data_flags = evaluate.saved_data_flags(run_dir)
+    data = data_flags.get("train_data") or data_flags.get("eval_data")
+    if data:
+        try:
+            return find_metadata(data)
+        except MetadataError as e:
+            raise ExportSetupError(
+                f"the run's data {data!r} (recorded in "
+                f"{os.path.join(run_dir, train.RUN_CONFIG_JSON)}) has no readable metadata: "
+                f"{e} Pass --metadata PATH") from e
+    found = _metadata_beside(run_dir)
+    if found is None:
+        raise ExportSetupError(
+            f"no data-set metadata found for {FLAGS.checkpoint} (no {train.RUN_CONFIG_JSON} "
+            f"naming the data, no *metadata.json in {run_dir} or its parent); pass --metadata "
+            "PATH (PREFIX-metadata.json from `convert`, or a COCO panoptic JSON with "
+            "'categories')")
+    return found
+
+
+def _gin_files(run_dir: str) -> list[str]:
+    """--gin_file, else the run's saved config.gin (none: gin's defaults)."""
+    from max_deeplab.cli import evaluate, train  # see `_metadata_path`
+
+    if FLAGS.gin_file:
+        return list(FLAGS.gin_file)
+    saved = evaluate.saved_gin_config(run_dir)
+    if saved is None:
+        print(f"note: no {os.path.join(run_dir, train.RUN_CONFIG_GIN)} and no --gin_file: "
+              "exporting the default model configuration", file=sys.stderr)
+        return []
+    return [saved]
 
 
 def _input_size() -> tuple[int, int]:
@@ -59,6 +113,37 @@ def _input_size() -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
+    """Checks every flag and input that can be checked without building the model (the
+    model build and restore take tens of seconds). Returns (checkpoint prefix, metadata
+    path, metadata, input size); parses the gin config.
+
+    Raises:
+      OSError, ValueError (ExportSetupError, MetadataError, RunConfigError, gin errors):
+        naming the flag or file at fault.
+    """
+    from max_deeplab.cli.train import check_num_classes
+    from max_deeplab.inference.export import export_dir_problem
+    from max_deeplab.model.checkpoints import resolve_checkpoint_path
+
+    problem = export_dir_problem(FLAGS.export_dir)
+    if problem:
+        raise ExportSetupError(f"--export_dir: {problem}")
+    try:
+        prefix = resolve_checkpoint_path(FLAGS.checkpoint)
+    except FileNotFoundError as e:
+        raise ExportSetupError(f"--checkpoint: {e}") from e
+    # The run's files (config.gin, run.json) sit beside its checkpoints: --checkpoint is
+    # that directory, or a prefix in it (resolving returns a prefix unchanged).
+    run_dir = FLAGS.checkpoint if prefix != FLAGS.checkpoint else os.path.dirname(prefix)
+    metadata_path = _metadata_path(run_dir)
+    gin_files = _gin_files(run_dir)
+    metadata = load_categories_file(metadata_path)
+    gin_flags.parse_gin_flags(gin_files, FLAGS.gin_bindings)
+    check_num_classes(len(metadata["categories"]), metadata_path)
+    return prefix, metadata_path, metadata, _input_size()
+
+
 def main(argv: list[str]) -> int:
     if parse_flags(argv, __doc__) is None:
         return 0
@@ -66,22 +151,9 @@ def main(argv: list[str]) -> int:
         if not getattr(FLAGS, name):
             print(f"{argv[0]}: --{name} is required", file=sys.stderr)
             return 2
-    metadata_path = FLAGS.metadata or _find_metadata(FLAGS.checkpoint)
-    if metadata_path is None:
-        print(f"{argv[0]}: no data-set metadata found next to {FLAGS.checkpoint}; pass "
-              "--metadata PATH (PREFIX-metadata.json from `convert`, or a COCO panoptic "
-              "JSON with 'categories')", file=sys.stderr)
-        return 2
     try:
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"{argv[0]}: cannot read metadata {metadata_path}: {e}", file=sys.stderr)
-        return 2
-    try:
-        gin_flags.parse_gin_flags()
-        input_size = _input_size()
-    except (FileNotFoundError, ValueError) as e:
+        prefix, metadata_path, metadata, input_size = _prepare()
+    except (OSError, ValueError) as e:  # bad flags or input files (`_prepare` names them)
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 2
 
@@ -90,7 +162,7 @@ def main(argv: list[str]) -> int:
 
     model = build_model()
     try:
-        prefix = restore(model, FLAGS.checkpoint)
+        restore(model, prefix)
     except (FileNotFoundError, ValueError) as e:
         # restore's message lists the unmatched variables on both sides.
         print(f"{argv[0]}: {e}", file=sys.stderr)
@@ -98,7 +170,7 @@ def main(argv: list[str]) -> int:
     print(f"restored {prefix}")
     try:
         export_saved_model(model, FLAGS.export_dir, metadata, input_size=input_size)
-    except (FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 1
     print(f"exported SavedModel to {FLAGS.export_dir} (input size {input_size[0]}x"

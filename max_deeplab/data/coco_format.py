@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from max_deeplab.data import schema
+from max_deeplab.data.metadata import categories_problem
 
 
 class ConversionError(Exception):
@@ -67,8 +68,9 @@ def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
     """Reads the annotation JSON and checks what can be checked without opening images.
 
     Raises:
-      ConversionError: unreadable JSON, a missing field, an annotation for an image that is
-        not listed, an unknown category id, or a duplicated segment id.
+      ConversionError: unreadable JSON, a missing field, a category without an integer id
+        or without isthing (see `metadata.categories_problem`), an annotation for an image
+        that is not listed, an unknown category id, or a duplicated segment id.
     """
     try:
         with open(annotations_path) as f:
@@ -78,17 +80,16 @@ def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
     except json.JSONDecodeError as e:
         raise ConversionError(f"annotation file {annotations_path} is not valid JSON: {e}") from e
     for key in ("images", "annotations", "categories"):
-        if key not in data:
+        if not isinstance(data, dict) or key not in data:
             raise ConversionError(f"annotation file {annotations_path} has no {key!r} list "
                                   "(expected the COCO panoptic format)")
     categories = data["categories"]
-    if not categories:
-        raise ConversionError(f"annotation file {annotations_path} lists no categories")
-    ordered = sorted(int(c["id"]) for c in categories)
-    if len(set(ordered)) != len(ordered):
-        raise ConversionError(f"annotation file {annotations_path} repeats a category id")
+    problem = categories_problem(categories)
+    if problem:
+        raise ConversionError(f"annotation file {annotations_path}: {problem}")
+    ordered = sorted(c["id"] for c in categories)
     contiguous = {cid: i for i, cid in enumerate(ordered)}
-    isthing = {int(c["id"]): bool(c.get("isthing", 0)) for c in categories}
+    isthing = {c["id"]: bool(c["isthing"]) for c in categories}
     images = {}
     for image in data["images"]:
         images[image["id"]] = image

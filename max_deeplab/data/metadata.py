@@ -2,7 +2,7 @@
 
 Training, evaluation, export and prediction read the class list, which classes are things,
 the contiguous-index mapping and the label divisor from here, so a custom COCO-format data
-set needs no code edit. No TensorFlow is imported by this module.
+set needs no code edit. No TensorFlow is imported by this module for local paths.
 
 Metadata JSON (written by `max-deeplab convert`)::
 
@@ -19,16 +19,21 @@ Metadata JSON (written by `max-deeplab convert`)::
       "shard_pattern": "PREFIX-?????-of-00008.tfrecord",
       "max_segments_per_image": 67                 # a lower bound for K_max
     }
+
+Paths may be local or TensorFlow file-system URLs (``gs://bucket/coco/train-*``: the data of
+a Cloud TPU job lives in a bucket). `file_exists`, `read_text` and `glob_files` use `os` and
+`glob` for local paths and `tf.io.gfile` for URLs, importing TensorFlow only then, so verbs
+that must stay light (`synthetic`, `convert`) can import this module.
 """
 from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 from typing import Any
 
 from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR, FORMAT_VERSION, IGNORE_PANOPTIC
+from max_deeplab.file_system import file_exists, glob_files, read_text
 
 METADATA_SUFFIX = "-metadata.json"
 _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(\d{5})-of-(\d{5})\.tfrecord$")
@@ -36,6 +41,36 @@ _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(\d{5})-of-(\d{5})\.tfrecord$")
 
 class MetadataError(ValueError):
     """The metadata file is missing or malformed (the message names the path)."""
+
+
+def categories_problem(categories: Any) -> str | None:
+    """Why `categories` is not a COCO panoptic category list, or None if it is one.
+
+    Every category needs a unique integer ``id`` and ``isthing`` (1 for a thing class, 0 for
+    stuff). The COCO panoptic format requires ``isthing``; taking a missing one as stuff
+    would silently train and export a thing class without instances. The caller adds the
+    file name.
+    """
+    if not isinstance(categories, list) or not categories:
+        return "'categories' must be a non-empty list of {id, name, isthing} objects"
+    seen: set[int] = set()
+    for position, category in enumerate(categories):
+        if not isinstance(category, dict):
+            return (f"categories[{position}] must be an object with id, name and isthing, "
+                    f"got {category!r}")
+        category_id = category.get("id")
+        if isinstance(category_id, bool) or not isinstance(category_id, int):
+            return f"categories[{position}] has no integer 'id': {category!r}"
+        if category_id in seen:
+            return f"category id {category_id} is listed twice in 'categories'"
+        seen.add(category_id)
+        if "isthing" not in category:
+            return (f"category id {category_id} has no 'isthing' (the COCO panoptic format "
+                    "requires it: 1 for a thing class, 0 for stuff)")
+        if category["isthing"] not in (0, 1):  # also accepts true / false
+            return (f"category id {category_id} has 'isthing' {category['isthing']!r}; "
+                    "expected 1 (thing) or 0 (stuff)")
+    return None
 
 
 def shard_path(prefix: str, index: int, num_shards: int) -> str:
@@ -60,14 +95,17 @@ def build_metadata(categories: list[dict[str, Any]],
     COCO lists its 133 panoptic categories by increasing id (things 1..90 first, stuff
     92..200 after), so sorting by id keeps COCO's order and TFDS's `ClassLabel` order.
     """
-    ordered = sorted(categories, key=lambda c: int(c["id"]))
+    problem = categories_problem(categories)
+    if problem:
+        raise ValueError(problem)
+    ordered = sorted(categories, key=lambda c: c["id"])
     cats = []
     for index, c in enumerate(ordered):
         color = c.get("color")
         cats.append({
             "id": int(c["id"]),
             "name": str(c.get("name", c["id"])),
-            "isthing": int(bool(c.get("isthing", 0))),
+            "isthing": int(c["isthing"]),
             "color": [int(v) for v in color] if color is not None else None,
             "contiguous_id": index,
         })
@@ -91,44 +129,79 @@ def find_metadata(path_or_glob: str) -> str:
     ``/d/train-metadata.json``; a comma-separated list of globs uses its first entry.
     """
     first = path_or_glob.split(",")[0].strip()
-    if first.endswith(".json"):
-        if not os.path.isfile(first):
-            raise MetadataError(f"metadata file {first} does not exist")
-        return first
-    candidates = []
-    match = _SHARD_RE.match(first)
-    if match:
-        candidates.append(metadata_path(match.group("prefix")))
-    if not glob.has_magic(first):
-        candidates.append(metadata_path(first))
-    for shard in sorted(glob.glob(first)):
-        match = _SHARD_RE.match(shard)
+    try:
+        if first.endswith(".json"):
+            if not file_exists(first):
+                raise MetadataError(f"metadata file {first} does not exist")
+            return first
+        candidates = []
+        match = _SHARD_RE.match(first)
         if match:
             candidates.append(metadata_path(match.group("prefix")))
-            break
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
+        if not glob.has_magic(first):
+            candidates.append(metadata_path(first))
+        for shard in glob_files(first):
+            match = _SHARD_RE.match(shard)
+            if match:
+                candidates.append(metadata_path(match.group("prefix")))
+                break
+        for candidate in candidates:
+            if file_exists(candidate):
+                return candidate
+    except OSError as e:  # a URL whose file system refused (permissions, network)
+        raise MetadataError(f"cannot look for the data-set metadata of {path_or_glob!r}: "
+                            f"{e}") from e
     tried = ", ".join(dict.fromkeys(candidates)) or "none (no shard named PREFIX-NNNNN-of-NNNNN" \
         ".tfrecord matches)"
     raise MetadataError(f"no data-set metadata found for {path_or_glob!r}; looked for: {tried}. "
                         "It is written by `max-deeplab convert` beside the shards.")
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def load_categories_file(path: str) -> dict[str, Any]:
+    """Reads a JSON object with a valid COCO ``categories`` list: a data set's metadata file
+    or a COCO panoptic annotation file (both are accepted by `export --metadata`).
+
+    Raises:
+      MetadataError: naming `path` and what is wrong (unreadable, not JSON, not an object,
+        a category without ``isthing``, a ``label_divisor`` that is not a positive integer).
+    """
+    try:
+        data = json.loads(read_text(path))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
+        raise MetadataError(f"cannot read metadata file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise MetadataError(
+            f"metadata file {path} holds a JSON {type(data).__name__}; expected an object with "
+            "a 'categories' list (PREFIX-metadata.json from `max-deeplab convert`, or a COCO "
+            "panoptic annotation file)")
+    problem = categories_problem(data.get("categories"))
+    if problem:
+        raise MetadataError(f"metadata file {path}: {problem}")
+    if "label_divisor" in data and not _positive_int(data["label_divisor"]):
+        raise MetadataError(f"metadata file {path}: 'label_divisor' must be a positive "
+                            f"integer, got {data['label_divisor']!r}")
+    return data
+
+
 def load_metadata(path_or_glob: str) -> dict[str, Any]:
     """Loads and checks the metadata of a converted data set (see `find_metadata`)."""
     path = find_metadata(path_or_glob)
-    try:
-        with open(path) as f:
-            metadata = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MetadataError(f"cannot read metadata file {path}: {e}") from e
-    for key in ("categories", "num_classes", "label_divisor", "thing_classes"):
+    metadata = load_categories_file(path)
+    for key in ("num_classes", "label_divisor", "thing_classes"):
         if key not in metadata:
             raise MetadataError(f"metadata file {path} has no field {key!r}")
-    if len(metadata["categories"]) != metadata["num_classes"]:
-        raise MetadataError(f"metadata file {path}: num_classes={metadata['num_classes']} but "
-                            f"{len(metadata['categories'])} categories")
+    if metadata["num_classes"] != len(metadata["categories"]):
+        raise MetadataError(f"metadata file {path}: num_classes={metadata['num_classes']!r} "
+                            f"but {len(metadata['categories'])} categories")
+    things = metadata["thing_classes"]
+    if not isinstance(things, list) or not all(
+            isinstance(i, int) and 0 <= i < len(metadata["categories"]) for i in things):
+        raise MetadataError(f"metadata file {path}: 'thing_classes' must be a list of "
+                            f"contiguous class indices 0..{len(metadata['categories']) - 1}")
     metadata["path"] = path
     return metadata
 

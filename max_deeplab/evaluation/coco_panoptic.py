@@ -38,6 +38,7 @@ import kornia_rs
 import numpy as np
 import pyspng
 
+from max_deeplab.data.metadata import categories_problem
 from max_deeplab.evaluation.pq_core import PQStats
 
 VOID = 0
@@ -134,19 +135,14 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
         if not os.path.isdir(d):
             raise PanopticEvalError(f"{what} PNG directory not found: {d}")
     cats = gt.get("categories")
-    if not isinstance(cats, list) or not cats:
-        raise PanopticEvalError(f"ground-truth JSON {gt_json} has no 'categories' list")
-    category_ids, is_thing, names = [], [], []
-    for c in cats:
-        try:
-            category_ids.append(int(c["id"]))
-        except (KeyError, TypeError, ValueError):
-            raise PanopticEvalError(f"ground-truth JSON {gt_json}: category without an integer "
-                                    f"'id': {c!r}") from None
-        is_thing.append(int(c.get("isthing", 0)) == 1)
-        names.append((category_ids[-1], str(c.get("name", category_ids[-1]))))
-    if len(set(category_ids)) != len(category_ids):
-        raise PanopticEvalError(f"ground-truth JSON {gt_json} lists a category id twice")
+    # Unique integer ids and an isthing each, as the reference evaluator needs (it fails on a
+    # missing isthing; taking it as stuff would report a wrong Things / Stuff split).
+    problem = categories_problem(cats)
+    if problem:
+        raise PanopticEvalError(f"ground-truth JSON {gt_json}: {problem}")
+    category_ids = [c["id"] for c in cats]
+    is_thing = [c["isthing"] == 1 for c in cats]
+    names = [(c["id"], str(c.get("name", c["id"]))) for c in cats]
     cat_index = {cid: i for i, cid in enumerate(category_ids)}
 
     pred_by_image: dict = {}

@@ -38,6 +38,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from max_deeplab.data.metadata import categories_problem
+from max_deeplab.file_system import is_url
 from max_deeplab.inference.postprocess import postprocess
 
 SIGNATURE_SINGLE = "serving_default"
@@ -55,19 +57,20 @@ def category_table(metadata: Mapping[str, Any], num_classes: int) -> dict[str, A
     sorted by id, as `convert` does). Raises ValueError naming the mismatch otherwise.
     """
     cats = metadata.get("categories")
-    if not cats:
-        raise ValueError("export metadata has no 'categories' list")
+    problem = categories_problem(cats)
+    if problem:
+        raise ValueError(f"export metadata: {problem}")
     if all("contiguous_id" in c for c in cats):
         cats = sorted(cats, key=lambda c: int(c["contiguous_id"]))
     else:
-        cats = sorted(cats, key=lambda c: int(c["id"]))
+        cats = sorted(cats, key=lambda c: c["id"])
     if len(cats) != num_classes:
         raise ValueError(f"export metadata lists {len(cats)} categories but the model predicts "
                          f"{num_classes} classes")
     return {
-        "category_ids": [int(c["id"]) for c in cats],
+        "category_ids": [c["id"] for c in cats],
         "category_names": [str(c.get("name", c["id"])) for c in cats],
-        "isthing": [bool(c.get("isthing", 0)) for c in cats],
+        "isthing": [bool(c["isthing"]) for c in cats],
         "colors": [list(c["color"]) if c.get("color") is not None else None for c in cats],
     }
 
@@ -169,6 +172,80 @@ class PanopticServingModule(tf.Module):
         return {k: v[0] for k, v in out.items()}
 
 
+class ExportDirectoryError(ValueError):
+    """The export directory cannot take a SavedModel (the message names it and why)."""
+
+
+def _nearest_existing_path(path: str) -> str:
+    """`path` itself or its closest ancestor that exists (local paths)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def export_dir_problem(export_dir: str) -> str | None:
+    """Why a SavedModel cannot be written to `export_dir`, or None if it can.
+
+    The directory must be new or empty: an existing export is never overwritten. A local
+    one must also be creatable (no file in the way) and its parent writable. Cheap: the
+    `export` verb asks before it builds the model.
+    """
+    if is_url(export_dir):
+        gfile = tf.io.gfile
+        try:
+            if not gfile.exists(export_dir):
+                return None
+            if not gfile.isdir(export_dir):
+                return f"export directory {export_dir} is a file, not a directory"
+            if gfile.listdir(export_dir):
+                return f"export directory {export_dir} exists and is not empty"
+        except tf.errors.OpError as e:
+            return f"cannot access export directory {export_dir}: {e.message}"
+        return None
+    if os.path.isdir(export_dir):
+        try:
+            if os.listdir(export_dir):
+                return f"export directory {export_dir} exists and is not empty"
+        except OSError as e:
+            return f"cannot read export directory {export_dir}: {e}"
+    elif os.path.exists(export_dir):
+        return f"export directory {export_dir} is a file, not a directory"
+    # The SavedModel is staged beside export_dir, then renamed: its parent, or the closest
+    # existing ancestor when the parent is still to be created, must take new entries.
+    anchor = _nearest_existing_path(os.path.dirname(os.path.abspath(export_dir)))
+    if not os.path.isdir(anchor):
+        return f"export directory {export_dir} cannot be created: {anchor} is a file"
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        return f"export directory {export_dir} cannot be written: {anchor} is not writable"
+    return None
+
+
+def _copy_to_url(local_dir: str, export_dir: str) -> None:
+    """Copies a finished local SavedModel to a file-system URL (gs://...), where directories
+    cannot be renamed atomically. `saved_model.pb` goes last: loaders look for it first, so
+    a reader never takes a half-copied directory for a SavedModel; on failure the copied
+    files are removed again."""
+    gfile = tf.io.gfile
+    existed = gfile.exists(export_dir)
+    relative_paths = sorted(
+        os.path.relpath(os.path.join(root, name), local_dir)
+        for root, _, names in os.walk(local_dir) for name in names)
+    relative_paths.sort(key=lambda rel: rel == "saved_model.pb")
+    try:
+        for rel in relative_paths:
+            target = f"{export_dir.rstrip('/')}/{rel}"
+            gfile.makedirs(os.path.dirname(target))
+            gfile.copy(os.path.join(local_dir, rel), target)
+    except BaseException:
+        if existed:  # it was empty: empty it again
+            for child in gfile.listdir(export_dir):
+                gfile.rmtree(f"{export_dir.rstrip('/')}/{child.rstrip('/')}")
+        elif gfile.exists(export_dir):
+            gfile.rmtree(export_dir)
+        raise
+
+
 def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any], *,
                        input_size: Sequence[int] = (641, 641),
                        postprocess_kwargs: Mapping[str, Any] | None = None,
@@ -178,27 +255,44 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
     Args:
       model: a built keras model mapping float images [B, H, W, 3] in [0, 255] to the
         DESIGN.md §3 output dict (`max_deeplab.model.build_model()`).
-      export_dir: output directory (created; written to a temporary sibling first and
-        renamed, so a failed export leaves no partial SavedModel).
-      metadata: data-set metadata (see `category_table`): categories in contiguous order.
+      export_dir: output directory, new or empty; a local path or a file-system URL
+        (gs://...). The SavedModel is written to a temporary directory first and renamed
+        (copied, for a URL), so a failed export leaves no partial SavedModel.
+      metadata: data-set metadata (see `category_table`): categories in contiguous order,
+        and the ``label_divisor`` of the panoptic encoding if it has one (the metadata of
+        `max-deeplab convert` does).
       input_size: (H, W) the image is resized-to-fit and padded to (the model's size).
       postprocess_kwargs: overrides for `postprocess` (thresholds, area limits, ...);
-        unset ones take their gin-configured values at export time.
+        unset ones take their gin-configured values at export time, except the label
+        divisor, which comes from `metadata` when it has one (as in `train`).
       pad_value: value of padded pixels (127.5: zero after the model's normalisation).
 
     Returns:
       export_dir.
+
+    Raises:
+      ExportDirectoryError: `export_dir` is not empty, is a file or cannot be created.
+      ValueError: `metadata` does not fit the model (see `category_table`).
     """
+    problem = export_dir_problem(export_dir)
+    if problem:
+        raise ExportDirectoryError(problem)
     probe = model(tf.zeros([1, int(input_size[0]), int(input_size[1]), 3]), training=False)
     num_classes = int(probe["class_logits"].shape[-1]) - 1
     table = category_table(metadata, num_classes)
+    postprocess_kwargs = dict(postprocess_kwargs or {})
+    if "label_divisor" in metadata:
+        # The data set's panoptic encoding, as `train` evaluates with: the exported model's
+        # outputs then compare directly with the data set's labels.
+        postprocess_kwargs.setdefault("label_divisor", int(metadata["label_divisor"]))
     module = PanopticServingModule(model, table, input_size, postprocess_kwargs, pad_value)
 
-    parent = os.path.dirname(os.path.abspath(export_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(export_dir) and os.listdir(export_dir):
-        raise FileExistsError(f"export directory {export_dir!r} exists and is not empty")
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as tmp:
+    local = not is_url(export_dir)
+    parent = os.path.dirname(os.path.abspath(export_dir)) if local else None
+    # Staged beside export_dir (same file system, so the final rename is atomic); for a URL
+    # in the local temporary directory, then copied.
+    staging_root = _nearest_existing_path(parent) if local else None
+    with tempfile.TemporaryDirectory(dir=staging_root, prefix=".export-") as tmp:
         asset_src = os.path.join(tmp, METADATA_ASSET)
         with open(asset_src, "w") as f:
             json.dump({**table, **{k: module._config.pp_kwargs[k] for k in (
@@ -211,6 +305,10 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
             SIGNATURE_BATCHED: module.serving_batched.get_concrete_function(),
             SIGNATURE_METADATA: module.metadata.get_concrete_function(),
         })
+        if not local:
+            _copy_to_url(staging, export_dir)
+            return export_dir
+        os.makedirs(parent, exist_ok=True)
         if os.path.exists(export_dir):
             os.rmdir(export_dir)  # empty (checked above)
         os.replace(staging, export_dir)

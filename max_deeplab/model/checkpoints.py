@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
@@ -43,14 +42,16 @@ def checkpoint_keys(root: tf.Module | dict, prefix: str = "") -> dict[str, tf.Va
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """A checkpoint prefix from a directory (latest checkpoint) or a prefix."""
-    if os.path.isdir(path):
+    """A checkpoint prefix from a prefix or a directory (its latest checkpoint); local or a
+    URL (gs://...). The prefix is tried first: some file systems (ram://) also call a
+    prefix of existing files a directory."""
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint found in directory {path!r}")
         return latest
-    if tf.io.gfile.exists(path + ".index"):
-        return path
     raise FileNotFoundError(f"no checkpoint at {path!r} (expected a directory holding a "
                             f"'checkpoint' file or a prefix with a '.index' file)")
 
