@@ -8,6 +8,7 @@ import gin
 import pytest
 
 from max_deeplab.cli.gin_flags import CONFIGS_DIR, parse_gin_flags
+from max_deeplab.cli.train import configured_value
 from max_deeplab.model import build_model
 
 ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS_DIR)
@@ -42,17 +43,6 @@ def test_every_config_builds(config):
     assert model.count_params() > 0
 
 
-def _effective(name: str, fn, parameter: str):
-    """What configurable `name` (`fn`) gets for `parameter` under the parsed config: the
-    bound value, else its default."""
-    import inspect
-
-    try:
-        return gin.query_parameter(f"{name}.{parameter}")
-    except ValueError:
-        return inspect.signature(fn).parameters[parameter].default
-
-
 def _recipe() -> dict:
     from max_deeplab.data.pipeline import build_dataset
     from max_deeplab.losses import MaXDeepLabLoss
@@ -62,15 +52,15 @@ def _recipe() -> dict:
     from max_deeplab.training.optimizers import build_optimizer
 
     return {
-        "input": tuple(_effective("build_model", build_model, "input_size")),
-        "crop": tuple(_effective("build_dataset", build_dataset, "crop_size")),
-        "steps": _effective("experiment_options", experiment_options, "total_steps"),
-        "batch": _effective("experiment_options", experiment_options,
+        "input": tuple(configured_value("build_model", build_model, "input_size")),
+        "crop": tuple(configured_value("build_dataset", build_dataset, "crop_size")),
+        "steps": configured_value("experiment_options", experiment_options, "total_steps"),
+        "batch": configured_value("experiment_options", experiment_options,
                             "train_batch_size"),
-        "lr": _effective("max_deeplab_optimizer", build_optimizer, "base_learning_rate"),
-        "sync_bn": _effective("batch_norm_layer", batch_norm_layer, "synchronized"),
-        "memory": _effective("MaXDeepLabEncoder", MaXDeepLabEncoder, "memory_channels"),
-        "losses": tuple(_effective("MaXDeepLabLoss", MaXDeepLabLoss, f"use_{n}")
+        "lr": configured_value("max_deeplab_optimizer", build_optimizer, "base_learning_rate"),
+        "sync_bn": configured_value("batch_norm_layer", batch_norm_layer, "synchronized"),
+        "memory": configured_value("MaXDeepLabEncoder", MaXDeepLabEncoder, "memory_channels"),
+        "losses": tuple(configured_value("MaXDeepLabLoss", MaXDeepLabLoss, f"use_{n}")
                         for n in ("instance_discrimination", "mask_id", "semantic")),
     }
 

@@ -1,19 +1,57 @@
 """`--gin_file` / `--gin_bindings` for every verb that builds a model."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import tokenize
+import types
+from typing import Any, Union, get_args, get_origin
 
 from absl import flags
 
+from max_deeplab.file_system import file_exists, is_url
+
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); repeatable. Relative paths are "
-                          "also looked up under the repo's configs/ directory.",
+                          "also looked up in the bundled configs/ directory.",
                           allow_override=True)
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. "
                           "'MaXDeepLab.num_mask_slots = 64'; repeatable.", allow_override=True)
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
+
+def _find_configs_dir() -> str:
+    """The configs/ directory: inside the installed package (setup.py maps the repo's
+    top-level configs/ to max_deeplab/configs in a wheel), else the source tree's configs/
+    (a checkout or an editable install, where the configs stay at the repo root)."""
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = os.path.join(package_dir, "configs")
+    if os.path.isdir(installed):
+        return installed
+    return os.path.join(os.path.dirname(package_dir), "configs")
+
+
+CONFIGS_DIR = _find_configs_dir()
+
+
+@functools.cache
+def _add_configs_search_path() -> None:
+    """Lets `include "x.gin"` find configs/x.gin. Once per process: gin keeps its search
+    paths across clear_config(), and repeated adds pile up in its not-found messages."""
+    import gin
+
+    gin.add_config_file_search_path(CONFIGS_DIR)
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding that does not parse or binds a wrongly typed value. A ValueError
+    so every verb's existing handler for bad configuration reports it (exit 2)."""
+
+
+# What gin raises while parsing text (not while calling configurables): syntax, an unclosed
+# bracket (tokenize), an unknown configurable or parameter (ValueError, also undecodable
+# text), an `include` it cannot open (OSError), an `import` of a missing module.
+_GIN_PARSE_ERRORS = (SyntaxError, tokenize.TokenError, ValueError, OSError, ImportError)
 
 
 class _QuietGinIncludeProbe(logging.Filter):
@@ -28,8 +66,26 @@ class _QuietGinIncludeProbe(logging.Filter):
 logging.getLogger().addFilter(_QuietGinIncludeProbe())
 
 
+@functools.cache
+def _read_urls_with_gfile() -> None:
+    """Registers `tf.io.gfile.GFile` as one of gin's file readers (once per process), as
+    `gin.tf` would — which no longer imports on TF 2.20 (it subclasses tf.estimator)."""
+    import gin
+    import tensorflow as tf
+
+    gin.config.register_file_reader(tf.io.gfile.GFile, tf.io.gfile.exists)
+
+
 def resolve_gin_file(path: str) -> str:
-    """Finds a gin file as given, or relative to configs/; clear error otherwise."""
+    """Finds a gin file as given, or relative to configs/; clear error otherwise.
+
+    A URL (a run's saved config.gin in a gs:// model directory) is read by gin through
+    `tf.io.gfile` (`_read_urls_with_gfile`)."""
+    if is_url(path):
+        if file_exists(path):
+            _read_urls_with_gfile()
+            return path
+        raise FileNotFoundError(f"gin file not found: {path!r}")
     candidates = [path, os.path.join(CONFIGS_DIR, path)]
     for c in candidates:
         if os.path.isfile(c):
@@ -37,9 +93,77 @@ def resolve_gin_file(path: str) -> str:
     raise FileNotFoundError(f"gin file not found: {path!r} (looked in: {', '.join(candidates)})")
 
 
+def _describe_parse_error(error: Exception) -> str:
+    """gin's message with where it happened; its SyntaxError keeps the location in
+    attributes (the file may be an `include`d one), TokenError in a bare tuple."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}" if error.filename else \
+            f"line {error.lineno}"
+        text = (error.text or "").strip()
+        return f"{error.msg} ({where}{': ' + text if text else ''})"
+    if isinstance(error, tokenize.TokenError):
+        return f"{error.args[0]} (an unclosed bracket or quote?)"
+    return str(error)
+
+
+# Annotations whose values can be checked after parsing: gin passes values through
+# unchecked, so `MaXDeepLab.num_classes = "abc"` would otherwise surface as a TypeError deep
+# inside model building. Each checkable type (also as a member of a union, e.g. `int | None`)
+# with the value types it accepts.
+_CHECKABLE_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,), float: (int, float), bool: (bool,), str: (str,), type(None): (type(None),)}
+# Values gin parsed from literals; references (@fn) and macros (%X) resolve later.
+_LITERAL_TYPES = (int, float, bool, str, type(None), tuple, list, dict)
+
+
+def _checkable_members(annotation: Any) -> tuple[Any, ...] | None:
+    """The types of a scalar (or union of scalars) annotation; None if not checkable."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) \
+        else (annotation,)
+    return members if all(m in _CHECKABLE_TYPES for m in members) else None
+
+
+def _check_bound_value_types() -> None:
+    """Raises GinConfigError naming the first binding whose literal value does not fit its
+    parameter's int / float / bool / str (or None) annotation.
+
+    gin has no public way to list the bound parameters, so this reads its `_CONFIG` and
+    `_REGISTRY` (the same in gin-config 0.4 and 0.5)."""
+    from gin import config as gin_config
+
+    bound, registry = (getattr(gin_config, "_CONFIG", None),
+                       getattr(gin_config, "_REGISTRY", None))
+    if not isinstance(bound, dict) or registry is None:
+        return  # another gin version: the check is a convenience, the build still fails
+    for (scope, selector), values in list(bound.items()):
+        configurable = registry.get(selector)
+        if configurable is None:
+            continue
+        try:
+            parameters = inspect.signature(configurable.wrapped, eval_str=True).parameters
+        except (NameError, TypeError, ValueError):
+            continue  # an annotation that does not evaluate at run time: nothing to check
+        for name, value in values.items():
+            if name not in parameters or type(value) not in _LITERAL_TYPES:
+                continue
+            members = _checkable_members(parameters[name].annotation)
+            if members is None or isinstance(
+                    value, tuple(t for m in members for t in _CHECKABLE_TYPES[m])):
+                continue
+            key = f"{scope + '/' if scope else ''}{configurable.name}.{name}"
+            expected = " or ".join("None" if m is type(None) else m.__name__ for m in members)
+            raise GinConfigError(f"gin binding {key} = {value!r} ({type(value).__name__}): "
+                                 f"expected {expected}")
+
+
 def parse_gin_flags(gin_files: list[str] | None = None,
                     gin_bindings: list[str] | None = None) -> None:
-    """Clears gin state and applies the given (or flag) gin files and bindings."""
+    """Clears gin state and applies the given (or flag) gin files and bindings.
+
+    Raises FileNotFoundError for a gin file that does not exist and GinConfigError naming
+    the file or binding (and gin's message) for one that does not parse or binds a value of
+    the wrong type.
+    """
     import gin
 
     # Register every configurable before parsing so bindings can name them.
@@ -48,6 +172,19 @@ def parse_gin_flags(gin_files: list[str] | None = None,
     files = flags.FLAGS.gin_file if gin_files is None else gin_files
     bindings = flags.FLAGS.gin_bindings if gin_bindings is None else gin_bindings
     gin.clear_config()
-    gin.add_config_file_search_path(CONFIGS_DIR)
-    gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], bindings,
-                                        finalize_config=False)
+    _add_configs_search_path()
+    resolved_files = [resolve_gin_file(f) for f in files]
+    # One file or binding at a time (what gin.parse_config_files_and_bindings does, in the
+    # same order) so an error can name the one at fault.
+    for path in resolved_files:
+        try:
+            gin.parse_config_file(path)
+        except _GIN_PARSE_ERRORS as e:
+            raise GinConfigError(f"invalid gin file {path}: {_describe_parse_error(e)}") from e
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except _GIN_PARSE_ERRORS as e:
+            raise GinConfigError(
+                f"invalid --gin_bindings value {binding!r}: {_describe_parse_error(e)}") from e
+    _check_bound_value_types()
