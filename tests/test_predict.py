@@ -96,3 +96,57 @@ def test_predict_cli_user_errors(tmp_path, capsys):
     code = predict.main(["max-deeplab predict", "--saved_model", str(tmp_path),
                          "--images", str(tmp_path / "*.jpg"), "--output_dir", str(tmp_path)])
     assert code == 2 and "not a SavedModel" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def standin_saved_model(tmp_path_factory) -> str:
+    """A SavedModel of the test stand-in model with the synthetic data set's categories."""
+    from test_export import StandIn
+
+    from max_deeplab.data.synthetic import categories_json
+    from max_deeplab.inference import export_saved_model
+
+    categories = categories_json()
+    export_dir = str(tmp_path_factory.mktemp("standin") / "export")
+    export_saved_model(StandIn(num_classes=len(categories), num_slots=12), export_dir,
+                       {"categories": categories}, input_size=(49, 65))
+    return export_dir
+
+
+def test_predict_writes_nothing_when_no_image_is_readable(standin_saved_model, tmp_path,
+                                                           capsys):
+    from max_deeplab.cli import predict
+
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    out_dir = tmp_path / "pred"
+    code = predict.main(["max-deeplab predict", "--saved_model", standin_saved_model,
+                         "--images", str(tmp_path / "*.*"), "--output_dir", str(out_dir)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "none of the 2 images could be read; nothing written" in err
+    assert not out_dir.exists()
+
+
+def test_predictions_json_is_replaced_whole_or_not_at_all(standin_saved_model, tmp_path,
+                                                           monkeypatch):
+    """A failure while writing predictions.json keeps the previous run's file intact."""
+    from max_deeplab.cli import predict
+    from max_deeplab.inference import coco_results
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.jpg")
+    out_dir = tmp_path / "pred"
+    out_dir.mkdir()
+    (out_dir / "predictions.json").write_text('{"previous": "run"}')
+    real = coco_results.panoptic_to_coco
+
+    def unserialisable_segments(*args, **kwargs):
+        ids, segments = real(*args, **kwargs)
+        return ids, [*segments, {"id": object()}]
+
+    monkeypatch.setattr(coco_results, "panoptic_to_coco", unserialisable_segments)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        predict.main(["max-deeplab predict", "--saved_model", standin_saved_model,
+                      "--images", str(tmp_path / "a.jpg"), "--output_dir", str(out_dir)])
+    assert (out_dir / "predictions.json").read_text() == '{"previous": "run"}'
+    assert sorted(os.listdir(out_dir)) == ["overlays", "panoptic", "predictions.json"]

@@ -45,7 +45,13 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     from max_deeplab.data.coco_format import ConversionError
-    from max_deeplab.data.converter import convert
+    from max_deeplab.data.converter import check_output_prefix, convert
+
+    try:
+        check_output_prefix(FLAGS.output)
+    except ValueError as e:
+        print(f"{argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
     try:
         convert(FLAGS.annotations, FLAGS.images, FLAGS.panoptic, FLAGS.output,

@@ -1,13 +1,14 @@
 """`max-deeplab synthetic`: a COCO-panoptic-format data set of shapes on textured regions.
 
     max-deeplab synthetic --output_dir D --num_images N --seed S [--height H --width W]
-        [--num_val_images V]
+        [--num_val_images V] [--overwrite]
 
 Writes D/annotations/panoptic_{train,val}.json, D/panoptic_{train,val}/*.png and
 D/{train,val}/*.jpg: 4 thing classes (disc, square, triangle, cross; several occluding
 instances per image, sometimes a crowd group) on 4 stuff textures, with void clutter.
 Category ids are non-contiguous, like COCO's. The same seed gives the same files.
-No TensorFlow is imported by this verb.
+A D that already holds a data set is refused unless --overwrite replaces it; a failed run
+leaves nothing behind. No TensorFlow is imported by this verb.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ flags.DEFINE_integer("seed", 0, "Random seed; image i depends only on (seed, i).
                      allow_override=True)
 flags.DEFINE_integer("height", 128, "Image height in pixels.", lower_bound=16, allow_override=True)
 flags.DEFINE_integer("width", 160, "Image width in pixels.", lower_bound=16, allow_override=True)
+flags.DEFINE_bool("overwrite", False, "Replace the data set already in --output_dir (its "
+                  "annotations/panoptic_{train,val}.json, {train,val}/ and panoptic_{train,val}/, "
+                  "whole); other files there are kept.", allow_override=True)
 flags.DEFINE_integer("num_val_images", None, "Images in the val split (the last ones); "
                      "default: a fifth of --num_images (at least 1 when there are 2+).",
                      lower_bound=0, allow_override=True)
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> int:
         print(f"{argv[0]}: --num_val_images={FLAGS.num_val_images} exceeds "
               f"--num_images={FLAGS.num_images}", file=sys.stderr)
         return 2
-    from max_deeplab.data.synthetic import write_dataset
+    from max_deeplab.data.synthetic import DatasetExistsError, write_dataset
 
     start = time.perf_counter()
     last = [start]
@@ -55,7 +59,11 @@ def main(argv: list[str]) -> int:
 
     try:
         counts = write_dataset(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, FLAGS.height,
-                               FLAGS.width, FLAGS.num_val_images, progress)
+                               FLAGS.width, FLAGS.num_val_images, progress,
+                               overwrite=FLAGS.overwrite)
+    except DatasetExistsError as e:
+        print(f"{argv[0]}: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"{argv[0]}: error: cannot write to {FLAGS.output_dir}: {e}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """`max-deeplab train`: train and/or evaluate MaX-DeepLab (paper §4, DESIGN.md §6-7).
 
 Examples:
-  max-deeplab train --model_dir /tmp/run --gin_file tiny.gin --train_data 'd/train-*' \\
+  max-deeplab train --model_dir /tmp/run --gin_file quickstart.gin --train_data 'd/train-*' \\
       --eval_data 'd/val-*' --mode train_and_eval --steps 200 --checkpoint_every 50
+    (the tiny model on CPU; d/ from `max-deeplab synthetic` + `max-deeplab convert`, as in
+    scripts/quickstart.sh)
   max-deeplab train --tpu my-tpu --strategy tpu --model_dir gs://b/run \\
       --gin_file max_deeplab_s_coco_641.gin --train_data 'gs://b/coco/train-*'
 
@@ -12,6 +14,8 @@ override the gin config (`experiment_options.*`).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from absl import flags
 
@@ -19,6 +23,9 @@ from max_deeplab.atomic_files import write_text_atomic
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
 
+# `pretrain` defines --model_dir, --tpu, --strategy, --mode, --steps and --checkpoint_every
+# too. absl keeps one definition per name and process (the last one imported), so the two
+# verbs' definitions accept the same values; each verb checks what it does not support.
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints, summaries and metrics.",
                     allow_override=True)
 flags.DEFINE_string("tpu", None, "TPU name or address (implies --strategy=tpu).",
@@ -32,9 +39,9 @@ flags.DEFINE_string("train_data", None, "Training TFRecord glob (from `max-deepl
                     allow_override=True)
 flags.DEFINE_string("eval_data", None, "Evaluation TFRecord glob.", allow_override=True)
 flags.DEFINE_integer("steps", None, "Total training steps (overrides the gin config).",
-                     allow_override=True)
+                     lower_bound=1, allow_override=True)
 flags.DEFINE_integer("checkpoint_every", None, "Save a checkpoint every N steps.",
-                     allow_override=True)
+                     lower_bound=1, allow_override=True)
 flags.DEFINE_string("initial_checkpoint", None, "Checkpoint to initialise matching weights "
                     "from when the model directory has none (e.g. a pretrained backbone).",
                     allow_override=True)
@@ -64,6 +71,12 @@ def main(argv: list[str]) -> int:
     if not FLAGS.model_dir:
         print(f"{argv[0]}: --model_dir is required", file=sys.stderr)
         return 2
+    # Flag and config errors are reported before anything is written to --model_dir (a
+    # failed start must not leave a run config behind) and before the model is built.
+    flag_error = _model_dir_error(FLAGS.model_dir) or _data_flags_error(FLAGS.mode)
+    if flag_error:
+        print(f"{argv[0]}: {flag_error}", file=sys.stderr)
+        return 2
     strategy_name = FLAGS.strategy or _default_strategy(FLAGS.tpu)
     try:
         gin_flags.parse_gin_flags()
@@ -82,6 +95,8 @@ def main(argv: list[str]) -> int:
         if value is not None:
             options[key] = value
     try:
+        check_learning_rate_schedule(int(options["total_steps"]))
+        check_segments_fit_mask_slots()
         result = _run(strategy_name, options)
     except NonFiniteLossError as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
@@ -95,22 +110,86 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _model_dir_error(model_dir: str) -> str | None:
+    """Why `model_dir` cannot be used as a directory (a file is at or above it), or None.
+
+    Remote paths (gs://...) are left to TensorFlow's file system."""
+    import os
+
+    if "://" in model_dir:
+        return None
+    path = os.path.abspath(model_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return None
+    if path == os.path.abspath(model_dir):
+        return f"--model_dir {model_dir} is a file; it must name a directory (new or existing)"
+    return f"--model_dir {model_dir} cannot be created: {path} is a file, not a directory"
+
+
+def _data_flags_error(mode: str) -> str | None:
+    """The data flag `mode` needs but was not given, or None."""
+    FLAGS = flags.FLAGS
+    if mode in ("train", "train_and_eval") and not FLAGS.train_data:
+        return f"--mode={mode} needs --train_data"
+    if mode != "train" and not FLAGS.eval_data:
+        return f"--mode={mode} needs --eval_data"
+    return None
+
+
+def configured_value(configurable_name: str, configurable: Callable, parameter: str) -> Any:
+    """The value gin passes `configurable` (registered as `configurable_name`) for
+    `parameter`: its binding in the parsed config, else the parameter's default."""
+    import inspect
+
+    import gin
+
+    try:
+        return gin.query_parameter(f"{configurable_name}.{parameter}")
+    except ValueError:  # not bound
+        return inspect.signature(configurable).parameters[parameter].default
+
+
+def check_learning_rate_schedule(total_steps: int) -> None:
+    """Builds the configured learning-rate schedule once, so that a bad warmup or learning
+    rate is reported before anything is written or built (it is built again, inside the
+    strategy, with the optimiser)."""
+    from max_deeplab.training.optimizers import build_optimizer
+    from max_deeplab.training.schedules import build_learning_rate_schedule
+
+    build_learning_rate_schedule(
+        configured_value("max_deeplab_optimizer", build_optimizer, "base_learning_rate"),
+        total_steps)
+
+
+def check_segments_fit_mask_slots() -> None:
+    """The data's segments per image (K_max) must not exceed the model's mask slots (N):
+    the loss matches every segment to a slot of its own. It would otherwise fail only
+    when the training step is traced, after the model is built."""
+    from max_deeplab.data.pipeline import build_dataset
+    from max_deeplab.model.encoder import MaXDeepLabEncoder
+
+    k_max = configured_value("build_dataset", build_dataset, "k_max")
+    num_slots = configured_value("MaXDeepLabEncoder", MaXDeepLabEncoder, "num_mask_slots")
+    # Macros or references (not plain ints) are left to the loss's own check.
+    if isinstance(k_max, int) and isinstance(num_slots, int) and k_max > num_slots:
+        raise ValueError(
+            f"build_dataset.k_max = {k_max} segments per image exceeds the model's "
+            f"{num_slots} mask slots (MaXDeepLabEncoder.num_mask_slots); each segment needs "
+            f"a slot of its own: add --gin_bindings 'build_dataset.k_max = {num_slots}' "
+            f"(or raise MaXDeepLabEncoder.num_mask_slots)")
+
+
 RUN_CONFIG_GIN = "config.gin"
 RUN_CONFIG_JSON = "run.json"
 
 
 def check_num_classes(num_classes: int, source: str) -> None:
     """The model's class count must equal the data set's (a clear error, not a crash)."""
-    import gin
+    from max_deeplab.model import MaXDeepLab
 
-    try:
-        model_classes = gin.query_parameter("MaXDeepLab.num_classes")
-    except ValueError:  # not bound: the constructor's default
-        import inspect
-
-        from max_deeplab.model import MaXDeepLab
-
-        model_classes = inspect.signature(MaXDeepLab.__init__).parameters["num_classes"].default
+    model_classes = configured_value("MaXDeepLab", MaXDeepLab, "num_classes")
     if model_classes != num_classes:
         raise ValueError(
             f"the data set ({source}) has {num_classes} classes but the model is configured "
@@ -148,8 +227,6 @@ def _run(strategy_name: str, options: dict):
     strategy = create_strategy(strategy_name, tpu=FLAGS.tpu,
                                num_gpus=len(tf.config.list_physical_devices("GPU")))
     metadata_source = FLAGS.train_data or FLAGS.eval_data
-    if not metadata_source:
-        raise ValueError("--train_data or --eval_data is required")
     metadata = load_metadata(metadata_source)
     is_thing = is_thing_table(metadata)
     label_divisor = int(metadata["label_divisor"])
@@ -157,7 +234,12 @@ def _run(strategy_name: str, options: dict):
     # Only the chief writes into the shared model directory (see `worker_write_dir`).
     if (FLAGS.mode in ("train", "train_and_eval")
             and worker_write_dir(strategy, FLAGS.model_dir) == FLAGS.model_dir):
-        save_run_config(FLAGS.model_dir, train_data=FLAGS.train_data, eval_data=FLAGS.eval_data)
+        try:
+            save_run_config(FLAGS.model_dir, train_data=FLAGS.train_data,
+                            eval_data=FLAGS.eval_data)
+        except OSError as e:  # e.g. no permission: a user error, not a crash
+            raise ValueError(f"cannot write the run config into --model_dir "
+                             f"{FLAGS.model_dir}: {e}") from e
 
     def dataset_fn(pattern: str | None, is_training: bool):
         if pattern is None:

@@ -40,6 +40,45 @@ def default_num_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_output_prefix(output_prefix: str) -> None:
+    """Raises ValueError unless `output_prefix` is a file-name prefix (a directory path with
+    a name after it); a directory alone would give shards named ``DIR/-00000-of-00008``."""
+    if os.path.basename(output_prefix) in ("", ".", ".."):
+        raise ValueError(
+            f"--output {output_prefix!r} names a directory, but --output is a file-name "
+            f"prefix: e.g. --output {os.path.join(output_prefix, 'train')} "
+            f"writes {metadata_lib.shard_path(os.path.join(output_prefix, 'train'), 0, 8)} ... "
+            f"and {metadata_lib.metadata_path(os.path.join(output_prefix, 'train'))}")
+
+
+def create_missing_dirs(path: str) -> list[str]:
+    """Creates directory `path` and any missing parents; returns those it created, deepest
+    first, so that a writer that fails can remove them again (`remove_empty_dirs`)."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    created: list[str] = []
+    try:
+        for directory in reversed(missing):
+            os.mkdir(directory)
+            created.insert(0, directory)
+    except OSError:
+        remove_empty_dirs(created)
+        raise
+    return created
+
+
+def remove_empty_dirs(directories: list[str]) -> None:
+    """Removes `directories` (deepest first) while they are empty; best effort, as the
+    writer's own error is the one to report."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (another process wrote there) or already gone
+            return
+
+
 def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix: str,
             num_shards: int = 8, num_workers: int | None = None,
             label_divisor: int = schema.DEFAULT_LABEL_DIVISOR,
@@ -60,12 +99,13 @@ def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix:
     Raises:
       coco_format.ConversionError: bad input, naming the file and segment; nothing is left.
     """
+    check_output_prefix(output_prefix)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     import tensorflow as tf
 
     from max_deeplab.data.tfrecord import make_example
 
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     dataset = coco_format.load_coco_panoptic(annotations, images_dir, panoptic_dir)
     jobs = dataset.jobs
     if not jobs:
@@ -74,8 +114,7 @@ def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix:
     num_shards = min(num_shards, num_images)
     num_workers = default_num_workers() if num_workers is None else max(1, num_workers)
     num_workers = min(num_workers, num_images)
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created_dirs = create_missing_dirs(os.path.dirname(os.path.abspath(output_prefix)))
 
     finals = [metadata_lib.shard_path(output_prefix, k, num_shards) for k in range(num_shards)]
     temps = [f"{path}.tmp-{os.getpid()}" for path in finals]
@@ -121,6 +160,7 @@ def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix:
         for temp in temps:
             if os.path.exists(temp):
                 os.remove(temp)
+        remove_empty_dirs(created_dirs)
         raise
     finally:
         if pool is not None:

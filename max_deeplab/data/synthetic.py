@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,51 +239,105 @@ def generate_image(seed: int, index: int, height: int = 128, width: int = 160
     return SyntheticImage(image, segment_ids[label], segments)
 
 
+SPLITS = ("train", "val")
+
+
+class DatasetExistsError(FileExistsError):
+    """The output directory already holds (part of) a data set and overwrite was not asked."""
+
+
+def dataset_paths(output_dir: str) -> list[str]:
+    """Every file or directory of `output_dir` that `write_dataset` writes (and replaces)."""
+    return [*(os.path.join(output_dir, "annotations", f"panoptic_{split}.json")
+              for split in SPLITS),
+            *(os.path.join(output_dir, split) for split in SPLITS),
+            *(os.path.join(output_dir, f"panoptic_{split}") for split in SPLITS)]
+
+
 def write_dataset(output_dir: str, num_images: int, seed: int = 0, height: int = 128,
                   width: int = 160, num_val_images: int | None = None,
-                  progress: Any = None) -> dict[str, int]:
+                  progress: Any = None, overwrite: bool = False) -> dict[str, int]:
     """Writes the data set in the COCO panoptic layout (DESIGN.md §6).
 
     ``output_dir/annotations/panoptic_{train,val}.json``, ``output_dir/panoptic_{train,val}/
     <id>.png`` and ``output_dir/{train,val}/<id>.jpg``. The last `num_val_images` images
     (default: a fifth, at least 1 when there are 2 or more) form the val split.
 
+    Everything is written into a temporary directory inside `output_dir` and moved into
+    place at the end, so a failed run leaves no partial data set. If `output_dir` already
+    holds any of these files or directories, `DatasetExistsError` is raised, or with
+    `overwrite` they are replaced as a whole (no image of the old set stays beside the new
+    ones); other files in `output_dir` are left alone.
+
     Returns:
       {"train": number of train images, "val": number of val images}.
     """
+    from max_deeplab.data.converter import create_missing_dirs, remove_empty_dirs
+
+    existing = [p for p in dataset_paths(output_dir) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise DatasetExistsError(
+            f"{output_dir} already holds a data set ({', '.join(existing)}); pass --overwrite "
+            f"to replace it, or choose another --output_dir")
     if num_val_images is None:
         num_val_images = num_images // 5 if num_images >= 5 else min(1, num_images - 1)
     num_val_images = max(0, min(num_val_images, num_images))
     splits = {"train": range(0, num_images - num_val_images),
               "val": range(num_images - num_val_images, num_images)}
-    os.makedirs(os.path.join(output_dir, "annotations"), exist_ok=True)
-    for split, indices in splits.items():
-        image_dir = os.path.join(output_dir, split)
-        panoptic_dir = os.path.join(output_dir, f"panoptic_{split}")
-        os.makedirs(image_dir, exist_ok=True)
-        os.makedirs(panoptic_dir, exist_ok=True)
-        images, annotations = [], []
-        for index in indices:
-            sample = generate_image(seed, index, height, width)
-            image_id = index + 1
-            stem = f"{image_id:012d}"
-            Image.fromarray(sample.image).save(os.path.join(image_dir, stem + ".jpg"),
-                                               quality=90)
-            Image.fromarray(id_to_rgb(sample.segment_map)).save(
-                os.path.join(panoptic_dir, stem + ".png"))
-            images.append({"id": image_id, "file_name": stem + ".jpg", "width": width,
-                           "height": height})
-            annotations.append({"image_id": image_id, "file_name": stem + ".png",
-                                "segments_info": sample.segments})
-            if progress is not None:
-                progress(split, len(images), len(indices))
-        data = {
-            "info": {"description": f"max-deeplab synthetic shapes-on-textures, seed {seed}"},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories_json(),
-        }
-        path = os.path.join(output_dir, "annotations", f"panoptic_{split}.json")
-        write_json_atomic(path, data, indent=None)
+    created = create_missing_dirs(os.path.abspath(output_dir))
+    try:
+        # Inside output_dir: the same file system, so the final moves are renames.
+        staging = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=output_dir)
+        try:
+            for split, indices in splits.items():
+                _write_split(staging, split, indices, seed, height, width, progress)
+            _move_into_place(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     return {split: len(indices) for split, indices in splits.items()}
+
+
+def _write_split(root: str, split: str, indices: range, seed: int, height: int, width: int,
+                 progress: Any) -> None:
+    """Images, panoptic PNGs and the annotation JSON of one split, under `root`."""
+    image_dir = os.path.join(root, split)
+    panoptic_dir = os.path.join(root, f"panoptic_{split}")
+    os.makedirs(image_dir)
+    os.makedirs(panoptic_dir)
+    images, annotations = [], []
+    for index in indices:
+        sample = generate_image(seed, index, height, width)
+        image_id = index + 1
+        stem = f"{image_id:012d}"
+        Image.fromarray(sample.image).save(os.path.join(image_dir, stem + ".jpg"), quality=90)
+        Image.fromarray(id_to_rgb(sample.segment_map)).save(
+            os.path.join(panoptic_dir, stem + ".png"))
+        images.append({"id": image_id, "file_name": stem + ".jpg", "width": width,
+                       "height": height})
+        annotations.append({"image_id": image_id, "file_name": stem + ".png",
+                            "segments_info": sample.segments})
+        if progress is not None:
+            progress(split, len(images), len(indices))
+    data = {
+        "info": {"description": f"max-deeplab synthetic shapes-on-textures, seed {seed}"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories_json(),
+    }
+    write_json_atomic(os.path.join(root, "annotations", f"panoptic_{split}.json"), data,
+                      indent=None)
+
+
+def _move_into_place(staging: str, output_dir: str) -> None:
+    """Moves the data set written under `staging` to `output_dir`; entries of an earlier
+    data set there are first moved into `staging` (deleted with it)."""
+    for path in dataset_paths(output_dir):
+        relative = os.path.relpath(path, output_dir)
+        if os.path.lexists(path):
+            os.replace(path, os.path.join(staging, "previous-" + relative.replace(os.sep, "-")))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(os.path.join(staging, relative), path)

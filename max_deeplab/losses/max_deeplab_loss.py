@@ -264,8 +264,9 @@ class MaXDeepLabLoss:
         if k_max is not None and k_max > num_slots:
             raise ValueError(
                 f"MaXDeepLabLoss: K_max = {k_max} ground-truth segments per image exceeds the "
-                f"N = {num_slots} predicted masks; each segment needs its own prediction, so "
-                "configure K_max <= N (or more memory slots)"
+                f"N = {num_slots} predicted masks; each segment needs its own prediction: "
+                f"bind build_dataset.k_max = {num_slots} (or raise "
+                "MaXDeepLabEncoder.num_mask_slots)"
             )
         if self.use_semantic:
             semantic_shape = tf.TensorShape(outputs["semantic_logits"].shape)

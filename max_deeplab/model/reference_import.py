@@ -272,6 +272,14 @@ def import_reference_checkpoint(model: tfk.Model, path: str) -> ImportReport:
     return report
 
 
+def _mkdir_mode() -> int:
+    """The permissions `os.mkdir` gives a new directory: 0o777 less the process umask (which
+    can only be read by setting it; it is restored at once)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def write_model_checkpoint(model: tfk.Model, output_dir: str, overwrite: bool = False,
                            extra_files: Mapping[str, str] | None = None) -> str:
     """Writes ``tf.train.Checkpoint(model=model)`` as ``output_dir/ckpt-0`` (with the
@@ -291,6 +299,9 @@ def write_model_checkpoint(model: tfk.Model, output_dir: str, overwrite: bool = 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
     try:
+        # mkdtemp makes the directory 0700; the output gets what a plain mkdir would give,
+        # so other users (a serving account) can read the imported checkpoint.
+        os.chmod(tmp, _mkdir_mode())
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), tmp,
                                              max_to_keep=1)
         manager.save(checkpoint_number=0)
