@@ -411,3 +411,21 @@ def test_imported_checkpoint_directory_follows_the_umask(tmp_path, capsys):
         os.umask(previous)
     assert code == 0, capsys.readouterr().err
     assert stat.S_IMODE(os.stat(tmp_path / "imported").st_mode) == 0o755
+
+
+def test_start_up_checks_leave_gin_macros_to_the_build():
+    """`%LR` / `%NC` resolve only when the optimiser / model is built: the early checks skip
+    them instead of failing on the macro object (a TypeError / a false mismatch)."""
+    from max_deeplab.cli.gin_flags import parse_gin_flags
+
+    parse_gin_flags(["tiny.gin"], ["LR = 1e-3", "max_deeplab_optimizer.base_learning_rate = %LR",
+                                   "NC = 8", "MaXDeepLab.num_classes = %NC"])
+    try:
+        train_cli.check_learning_rate_schedule(100)
+        train_cli.check_num_classes(8, "data")
+        train_cli.check_num_classes(5, "data")  # checked at build time instead
+        parse_gin_flags(["tiny.gin"], ["MaXDeepLab.num_classes = 8"])
+        with pytest.raises(ValueError, match="has 5 classes but the model is configured"):
+            train_cli.check_num_classes(5, "data")
+    finally:
+        parse_gin_flags(["tiny.gin"], [])

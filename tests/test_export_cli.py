@@ -180,6 +180,15 @@ def test_run_data_without_metadata_says_so(tmp_path, capsys, no_model_build):
     assert os.path.join(run_dir, "run.json") in err and "--metadata" in err
 
 
+def test_moved_run_data_falls_back_to_metadata_beside_the_checkpoint(tmp_path, exported):
+    run_dir = _train_run(tmp_path)
+    shutil.move(str(tmp_path / "data" / "train-metadata.json"),
+                os.path.join(run_dir, "train-metadata.json"))
+    shutil.rmtree(tmp_path / "data")
+    assert _export("--checkpoint", run_dir, "--export_dir", str(tmp_path / "export")) == 0
+    assert [c["id"] for c in exported["metadata"]["categories"]] == [3, 40]
+
+
 def test_malformed_run_json_is_named(tmp_path, capsys, no_model_build):
     run_dir = _train_run(tmp_path)
     with open(os.path.join(run_dir, "run.json"), "w") as f:

@@ -69,6 +69,11 @@ def _metadata_path(run_dir: str) -> str:
         try:
             return find_metadata(data)
         except MetadataError as e:
+            # The recorded data may have moved, or be relative to another directory: a
+            # metadata file beside the checkpoint still serves.
+            found = _metadata_beside(run_dir)
+            if found is not None:
+                return found
             raise ExportSetupError(
                 f"the run's data {data!r} (recorded in "
                 f"{os.path.join(run_dir, train.RUN_CONFIG_JSON)}) has no readable metadata: "

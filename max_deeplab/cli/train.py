@@ -158,9 +158,11 @@ def check_learning_rate_schedule(total_steps: int) -> None:
     from max_deeplab.training.optimizers import build_optimizer
     from max_deeplab.training.schedules import build_learning_rate_schedule
 
-    build_learning_rate_schedule(
-        configured_value("max_deeplab_optimizer", build_optimizer, "base_learning_rate"),
-        total_steps)
+    learning_rate = configured_value("max_deeplab_optimizer", build_optimizer,
+                                     "base_learning_rate")
+    # Macros or references (%LR, @fn()) resolve only when the optimiser is built.
+    if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        build_learning_rate_schedule(learning_rate, total_steps)
 
 
 def check_segments_fit_mask_slots() -> None:
@@ -190,7 +192,8 @@ def check_num_classes(num_classes: int, source: str) -> None:
     from max_deeplab.model import MaXDeepLab
 
     model_classes = configured_value("MaXDeepLab", MaXDeepLab, "num_classes")
-    if model_classes != num_classes:
+    # A macro or reference (%NC) resolves only when the model is built: checked there.
+    if isinstance(model_classes, int) and model_classes != num_classes:
         raise ValueError(
             f"the data set ({source}) has {num_classes} classes but the model is configured "
             f"with MaXDeepLab.num_classes = {model_classes}; add --gin_bindings "
