@@ -61,3 +61,12 @@ def glob_files(pattern: str) -> list[str]:
         return []
     except tf.errors.OpError as e:
         raise OSError(f"cannot list {pattern}: {e.message}") from e
+
+
+def nearest_existing_path(path: str) -> str:
+    """The absolute local `path` itself or its closest ancestor that exists: where a
+    directory still to be created would hang (a file there means it cannot be)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path

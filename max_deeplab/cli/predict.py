@@ -30,6 +30,7 @@ from absl import flags
 
 from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.file_system import nearest_existing_path
 
 flags.DEFINE_string("saved_model", None, "SavedModel directory written by `export`.",
                     allow_override=True)
@@ -93,8 +94,7 @@ def _output_dir_error(output_dir: str) -> str | None:
         if os.path.exists(entry) and os.path.isdir(entry) != is_dir:
             return (f"--output_dir {output_dir}: {entry} is a {'file' if is_dir else 'directory'}"
                     f", where predict writes a {'directory' if is_dir else 'file'}")
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
+    path = nearest_existing_path(path)
     if not os.path.isdir(path):
         return f"--output_dir {output_dir} cannot be created: {path} is a file"
     if not os.access(path, os.W_OK | os.X_OK):

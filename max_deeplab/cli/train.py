@@ -116,11 +116,11 @@ def _model_dir_error(model_dir: str) -> str | None:
     Remote paths (gs://...) are left to TensorFlow's file system."""
     import os
 
-    if "://" in model_dir:
+    from max_deeplab.file_system import is_url, nearest_existing_path
+
+    if is_url(model_dir):
         return None
-    path = os.path.abspath(model_dir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
+    path = nearest_existing_path(model_dir)
     if os.path.isdir(path):
         return None
     if path == os.path.abspath(model_dir):

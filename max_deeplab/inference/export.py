@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from max_deeplab.data.metadata import categories_problem
-from max_deeplab.file_system import is_url
+from max_deeplab.file_system import is_url, nearest_existing_path
 from max_deeplab.inference.postprocess import postprocess
 
 SIGNATURE_SINGLE = "serving_default"
@@ -176,14 +176,6 @@ class ExportDirectoryError(ValueError):
     """The export directory cannot take a SavedModel (the message names it and why)."""
 
 
-def _nearest_existing_path(path: str) -> str:
-    """`path` itself or its closest ancestor that exists (local paths)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
 def export_dir_problem(export_dir: str) -> str | None:
     """Why a SavedModel cannot be written to `export_dir`, or None if it can.
 
@@ -213,7 +205,7 @@ def export_dir_problem(export_dir: str) -> str | None:
         return f"export directory {export_dir} is a file, not a directory"
     # The SavedModel is staged beside export_dir, then renamed: its parent, or the closest
     # existing ancestor when the parent is still to be created, must take new entries.
-    anchor = _nearest_existing_path(os.path.dirname(os.path.abspath(export_dir)))
+    anchor = nearest_existing_path(os.path.dirname(os.path.abspath(export_dir)))
     if not os.path.isdir(anchor):
         return f"export directory {export_dir} cannot be created: {anchor} is a file"
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -291,7 +283,7 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
     parent = os.path.dirname(os.path.abspath(export_dir)) if local else None
     # Staged beside export_dir (same file system, so the final rename is atomic); for a URL
     # in the local temporary directory, then copied.
-    staging_root = _nearest_existing_path(parent) if local else None
+    staging_root = nearest_existing_path(parent) if local else None
     with tempfile.TemporaryDirectory(dir=staging_root, prefix=".export-") as tmp:
         asset_src = os.path.join(tmp, METADATA_ASSET)
         with open(asset_src, "w") as f:
