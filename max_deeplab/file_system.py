@@ -3,7 +3,9 @@
 Cloud TPU runs keep their data, model directories and configs in GCS buckets, which only
 `tf.io.gfile` reads; verbs that must not import TensorFlow (`pq`, `synthetic`) read local
 files. So: local paths through `os` / `glob`, URLs through `tf.io.gfile`, with TensorFlow
-imported only for a URL. (Atomic writes: `max_deeplab.atomic_files`.)
+imported only for a URL. Also the local-directory helpers the writers share (where a
+new directory would hang; creating missing directories and removing them again after a
+failure). (Atomic writes: `max_deeplab.atomic_files`.)
 """
 from __future__ import annotations
 
@@ -70,3 +72,31 @@ def nearest_existing_path(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+def create_missing_dirs(path: str) -> list[str]:
+    """Creates directory `path` and any missing parents; returns those it created, deepest
+    first, so that a writer that fails can remove them again (`remove_empty_dirs`)."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    created: list[str] = []
+    try:
+        for directory in reversed(missing):
+            os.mkdir(directory)
+            created.insert(0, directory)
+    except OSError:
+        remove_empty_dirs(created)
+        raise
+    return created
+
+
+def remove_empty_dirs(directories: list[str]) -> None:
+    """Removes `directories` (deepest first) while they are empty; best effort, as the
+    writer's own error is the one to report."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (another process wrote there) or already gone
+            return

@@ -19,6 +19,7 @@ from typing import Any
 from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data import coco_format, schema
 from max_deeplab.data import metadata as metadata_lib
+from max_deeplab.file_system import create_missing_dirs, remove_empty_dirs
 
 _WORKER_STATE: dict[str, Any] = {}
 
@@ -49,34 +50,6 @@ def check_output_prefix(output_prefix: str) -> None:
             f"prefix: e.g. --output {os.path.join(output_prefix, 'train')} "
             f"writes {metadata_lib.shard_path(os.path.join(output_prefix, 'train'), 0, 8)} ... "
             f"and {metadata_lib.metadata_path(os.path.join(output_prefix, 'train'))}")
-
-
-def create_missing_dirs(path: str) -> list[str]:
-    """Creates directory `path` and any missing parents; returns those it created, deepest
-    first, so that a writer that fails can remove them again (`remove_empty_dirs`)."""
-    missing = []
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    created: list[str] = []
-    try:
-        for directory in reversed(missing):
-            os.mkdir(directory)
-            created.insert(0, directory)
-    except OSError:
-        remove_empty_dirs(created)
-        raise
-    return created
-
-
-def remove_empty_dirs(directories: list[str]) -> None:
-    """Removes `directories` (deepest first) while they are empty; best effort, as the
-    writer's own error is the one to report."""
-    for directory in directories:
-        try:
-            os.rmdir(directory)
-        except OSError:  # not empty (another process wrote there) or already gone
-            return
 
 
 def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix: str,

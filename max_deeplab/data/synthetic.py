@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data.coco_format import id_to_rgb
+from max_deeplab.file_system import create_missing_dirs, remove_empty_dirs
 
 # (COCO-style id, name, isthing, colour used for visualisation, base hue of its pixels)
 CATEGORIES: tuple[tuple[int, str, int, tuple[int, int, int], float], ...] = (
@@ -272,8 +273,6 @@ def write_dataset(output_dir: str, num_images: int, seed: int = 0, height: int =
     Returns:
       {"train": number of train images, "val": number of val images}.
     """
-    from max_deeplab.data.converter import create_missing_dirs, remove_empty_dirs
-
     existing = [p for p in dataset_paths(output_dir) if os.path.lexists(p)]
     if existing and not overwrite:
         raise DatasetExistsError(
