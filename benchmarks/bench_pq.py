@@ -9,10 +9,14 @@ line, each as a fresh Python process:
   installed (one worker per core) and once forced onto one core, the DESIGN.md §8 anchor
   (8.9 s measured on one core for this workload).
 
-Prints each median time, the speed-up ratios, and checks that PQ/SQ/RQ (All, Things, Stuff,
-per class) agree to 1e-9. Goal: >= 10x faster than the reference on one core.
+The commands run in rounds (each round: ours with all workers, ours with one, the reference
+with all cores, the reference on one core), so that every ratio compares runs made within
+seconds of each other on this shared machine, whose speed drifts over minutes; each ratio is
+the median of its per-round ratios. Prints the median times, the ratios, and checks that
+PQ/SQ/RQ (All, Things, Stuff, per class) agree to 1e-9. Goal: >= 10x faster than the
+reference on one core.
 
-    .venv/bin/python benchmarks/bench_pq.py [--num_images 120] [--repeats 3]
+    .venv/bin/python benchmarks/bench_pq.py [--num_images 120] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -40,23 +44,36 @@ json.dump(r, open(sys.argv[5], "w"))
 """
 
 
-def _time(cmd: list[str], repeats: int) -> tuple[float, float]:
-    """Median wall time and median CPU time (user + sys of the process and its workers).
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + sys of the process and its workers) of one run.
 
     CPU time is printed too because on a shared machine wall time also measures the
     neighbours' load; the goal itself is about wall time on an otherwise idle machine.
     """
-    walls, cpus = [], []
-    for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        walls.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-        if proc.returncode:
-            sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-    return statistics.median(walls), statistics.median(cpus)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def _rounds(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Runs every command once per round, in a rotated order; (wall, cpu) per run."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    names = list(cmds)
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            runs[name].append(_run(cmds[name]))
+    return runs
+
+
+def _median_ratio(runs: dict[str, list[tuple[float, float]]], num: str, den: str,
+                  field: int = 0) -> float:
+    return statistics.median(a[field] / b[field] for a, b in zip(runs[num], runs[den]))
 
 
 def _compare(ours: dict, ref: dict) -> float:
@@ -76,7 +93,7 @@ def main() -> int:
     parser.add_argument("--num_images", type=int, default=120)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip_one_core", action="store_true",
                         help="skip the (slow) single-core reference run")
     args = parser.parse_args()
@@ -105,18 +122,17 @@ def main() -> int:
         ours_cmd = [py, "-m", "max_deeplab", "pq", "--gt_json", paths["gt_json"],
                     "--gt_dir", paths["gt_dir"], "--pred_json", paths["pred_json"],
                     "--pred_dir", paths["pred_dir"], "--output", ours_json]
-        t_ours = _time(ours_cmd, args.repeats)
-        t_ours1 = _time(ours_cmd + ["--num_workers", "1"], args.repeats)
 
         def ref_cmd(out: str, one_core: bool) -> list[str]:
             return [py, "-c", _REFERENCE, paths["gt_json"], paths["pred_json"],
                     paths["gt_dir"], paths["pred_dir"], out, "1" if one_core else "0"]
 
         ref_json = os.path.join(tmp, "ref.json")
-        t_ref = _time(ref_cmd(ref_json, False), 1)
-        t_ref1 = None
+        cmds = {"ours": ours_cmd, "ours1": ours_cmd + ["--num_workers", "1"],
+                "ref": ref_cmd(ref_json, False)}
         if not args.skip_one_core:
-            t_ref1 = _time(ref_cmd(os.path.join(tmp, "ref1.json"), True), 1)
+            cmds["ref1"] = ref_cmd(os.path.join(tmp, "ref1.json"), True)
+        runs = _rounds(cmds, args.rounds)
 
         with open(ours_json) as f:
             ours = json.load(f)
@@ -126,21 +142,26 @@ def main() -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"cores available: {cores}; load average {os.getloadavg()[0]:.1f} (wall times are "
-          "only meaningful near 0)")
+          f"only meaningful near 0); {args.rounds} rounds, medians")
     print(f"{'':42s} {'wall':>7s} {'cpu':>7s}")
-    rows = [(f"ours      (max-deeplab pq, {cores} workers)", t_ours),
-            ("ours      (max-deeplab pq, 1 worker)", t_ours1),
-            (f"reference (panopticapi, {cores} processes)", t_ref)]
-    if t_ref1 is not None:
-        rows.append(("reference (panopticapi, 1 core)", t_ref1))
-    for name, (wall, cpu) in rows:
-        print(f"{name:42s} {wall:6.2f}s {cpu:6.2f}s")
-    base = t_ref1 if t_ref1 is not None else t_ref
-    base_name = "reference on one core" if t_ref1 is not None else "reference, all cores"
-    print(f"wall speed-up, ours ({cores} workers) vs {base_name}: {base[0] / t_ours[0]:5.1f}x"
-          "  (goal >= 10x; DESIGN.md anchor: reference 8.9 s on one core)")
-    print(f"wall speed-up, ours vs reference on the same cores: {t_ref[0] / t_ours[0]:5.1f}x")
-    print(f"CPU-time ratio, reference / ours (1 worker each):  {base[1] / t_ours1[1]:5.1f}x")
+    labels = {"ours": f"ours      (max-deeplab pq, {cores} workers)",
+              "ours1": "ours      (max-deeplab pq, 1 worker)",
+              "ref": f"reference (panopticapi, {cores} processes)",
+              "ref1": "reference (panopticapi, 1 core)"}
+    for name, times in runs.items():
+        wall = statistics.median(t[0] for t in times)
+        cpu = statistics.median(t[1] for t in times)
+        print(f"{labels[name]:42s} {wall:6.2f}s {cpu:6.2f}s")
+    base = "ref1" if "ref1" in runs else "ref"
+    base_name = "reference on one core" if base == "ref1" else "reference, all cores"
+    per_round = ", ".join(f"{b[0] / a[0]:.1f}" for a, b in zip(runs["ours"], runs[base]))
+    print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
+          f"{_median_ratio(runs, base, 'ours'):5.1f}x (rounds: {per_round}; goal >= 10x; "
+          "DESIGN.md anchor: reference 8.9 s on one core)")
+    print(f"wall speed-up, ours vs reference on the same cores: "
+          f"{_median_ratio(runs, 'ref', 'ours'):5.1f}x")
+    print(f"CPU-time ratio, reference / ours (1 worker each):  "
+          f"{_median_ratio(runs, base, 'ours1', field=1):5.1f}x")
     print(f"PQ ours {ours['All']['pq']:.6f} reference {ref['All']['pq']:.6f}; "
           f"max |difference| over All/Things/Stuff/per-class pq,sq,rq: {worst:.2e}")
     if worst > 1e-9:
