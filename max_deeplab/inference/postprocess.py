@@ -41,11 +41,10 @@ slot (largest mask logit) and e = 0 (a discarded: void), 1 + ẑ (confident) or 
 * *cells* (dynamic shapes, align-corners with power-of-two strides, e.g. 161 -> 641; the
   default outside XLA). The bilinear upsample is, inside one stride cell, a convex
   combination of the cell's 4 corner logit vectors, which gives exact low-resolution bounds:
-  a slot whose corner max is below another slot's corner min (minus a rounding margin),
-  or that trails one other slot at each corner, never wins in that cell; and, the
-  log-sum-exp being convex, the kept-slot sum Σ_k exp(v_k − v_ẑ) at any pixel is at most
-  the bilinear interpolation of its values at the 4 corners (Jensen), and at least its
-  partial sum over the candidate slots. Only cells
+  a slot whose corner max is below another slot's corner min (minus a rounding margin)
+  never wins in that cell; and, the log-sum-exp being convex, the kept-slot sum
+  Σ_k exp(v_k − v_ẑ) at any pixel is at most the bilinear interpolation of its values at
+  the 4 corners (Jensen), and at least its partial sum over the candidate slots. Only cells
   where these bounds leave the argmax or the threshold open are interpolated, and only for
   their candidate slots — with `ResizeBilinear`'s own arithmetic and exact weights r/s, so
   the values are bit-identical to the full upsample's; confidences still open there are
@@ -263,32 +262,6 @@ def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, i
     return _lerp_corners(*(corners[..., i] for i in range(4)), fx, fy)
 
 
-def _unbeaten_pairs(cells: tf.Tensor, slots: tf.Tensor, corners: tf.Tensor,
-                    offsets: tf.Tensor | float, leader_corners: tf.Tensor, margin: tf.Tensor
-                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The (cell, slot) candidate pairs that can win somewhere in their cell.
-
-    A bilinear sample is a convex combination of the cell's 4 corners with the same weights
-    for every slot, so a slot whose corner values (+ offset) trail the cell's leading slot's
-    at *each* corner by more than the rounding margin trails it at every pixel of the cell
-    (and never ties). This pairwise test is tighter than the corner-max / corner-min bound
-    that produced the candidates, and needs only the candidates' corners.
-
-    Args:
-      cells, slots: [P] flat cell and slot (or kept position) of each candidate pair.
-      corners: [P, 4] the pairs' corner values; offsets: [P, 1] added to them (or 0).
-      leader_corners: [cells, 4] corner values (+ offset) of each cell's leading slot;
-        margin: [P] rounding margin of each pair's image.
-
-    Returns:
-      cells, slots, corners of the remaining pairs (each cell keeps its leading slot).
-    """
-    lead = tf.reduce_min(tf.gather(leader_corners, cells) - (corners + offsets), -1)
-    alive = ~(lead > margin)
-    return (tf.boolean_mask(cells, alive), tf.boolean_mask(slots, alive),
-            tf.boolean_mask(corners, alive))
-
-
 def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
                 offset: tf.Tensor, size: tuple[int, int], strides: tuple[int, int],
                 pixel_threshold: float,
@@ -302,8 +275,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
 
     1. dominant slot: the slot t with the largest logit at the top-left corner has its
        corner min as a lower bound M of the pixel maximum; slots whose corner max is
-       < M − margin never win; nor do those that trail t at each of the 4 corners by more
-       than the margin (`_unbeaten_pairs`). A cell with one candidate is t throughout.
+       < M − margin never win. A cell with one candidate is t throughout.
     2. ẑ (argmax over kept slots of logit + offset): the same with the offsets.
        With ``zero_offsets`` (deeplab2's rule) ẑ is the argmax of the logits over kept
        slots, i.e. the dominant slot wherever that one is kept (elsewhere ẑ is unused):
@@ -363,11 +335,8 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
     bound = tf.reduce_min(top_corners, -1) - margin[:, None, None]
     pairs = tf.cast(tf.where(upper >= bound[..., None]), tf.int32)  # [P, 4]: b, y, x, slot
     pair_cell = (pairs[:, 0] * h + pairs[:, 1]) * w + pairs[:, 2]
-    pair_cell, pair_slot, pair_corners = _unbeaten_pairs(
-        pair_cell, pairs[:, 3], corners_of(flat, n, pair_cell, pairs[:, 3]), 0.0,
-        tf.reshape(top_corners, [-1, 4]), tf.gather(margin, pairs[:, 0]))
-    pair_image = pair_cell // per_image
-    pair_kept = tf.gather(tf.reshape(kept, [-1]), pair_image * n + pair_slot)
+    pair_slot = pairs[:, 3]
+    pair_kept = tf.gather(tf.reshape(kept, [-1]), pairs[:, 0] * n + pair_slot)
     mixed = _count(pair_cell, num_cells) > 1
     may_keep = _segment(tf.math.segment_max, tf.cast(pair_kept, tf.int32), pair_cell,
                         num_cells) > 0  # some kept slot may dominate
@@ -402,12 +371,6 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         pairs_k = tf.cast(tf.where(valid[:, None, None, :] & (upper_k >= bound_k[..., None])),
                           tf.int32)
         pair_k_cell = (pairs_k[:, 0] * h + pairs_k[:, 1]) * w + pairs_k[:, 2]
-        pair_k_pos = pairs_k[:, 3]
-        pair_k_cell, pair_k_pos, pair_k_corners = _unbeaten_pairs(
-            pair_k_cell, pair_k_pos, corners_of(flat_k, num_kept, pair_k_cell, pair_k_pos),
-            tf.gather(off_flat, pairs_k[:, 0] * num_kept + pair_k_pos)[:, None],
-            tf.reshape(first_corners + first_off[..., None], [-1, 4]),
-            tf.gather(margin_k, pairs_k[:, 0]))
         num_pairs_k = tf.shape(pair_k_cell)[0]
         mixed_k = _count(pair_k_cell, num_cells) > 1
         # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the first slot's
@@ -449,7 +412,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         sel = tf.gather(open_flat, pair_cell)
         d_cell, d_slot = tf.boolean_mask(pair_cell, sel), tf.boolean_mask(pair_slot, sel)
         d_row = tf.gather(rank, d_cell)
-        d_corners = tf.boolean_mask(pair_corners, sel)
+        d_corners = corners_of(flat, n, d_cell, d_slot)
         value = _bilinear_cells(d_corners, strides)  # [Pd, s]
         dominant_value = _segment(tf.math.segment_max, value, d_row, num_open)
         dominant = _segment(tf.math.segment_min, tf.where(
@@ -473,9 +436,9 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         else:
             sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
             z_cell = tf.boolean_mask(pair_k_cell, sel)
-            z_pos = tf.boolean_mask(pair_k_pos, sel)
+            z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
             z_row = tf.gather(rank, z_cell)
-            z_corners = tf.boolean_mask(pair_k_corners, sel)
+            z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
             z_value = _bilinear_cells(z_corners, strides)
             z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
             z_scored = z_value + z_off
