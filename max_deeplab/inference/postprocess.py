@@ -245,12 +245,17 @@ def _lerp_corners(tl: tf.Tensor, tr: tf.Tensor, bl: tf.Tensor, br: tf.Tensor,
 
 
 def _bilinear_cells(corners: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
-    """[P, 4] corner values (tl, tr, bl, br) -> [P, sy·sx] align-corners samples of the cell."""
+    """[P, 4] corner values (tl, tr, bl, br) -> [P, sy·sx] align-corners samples of the cell.
+
+    Computed with the pairs on the minor axis ([sy, sx, P]) and transposed at the end: the
+    per-pair corner values then broadcast along whole contiguous rows (~1.7x faster on CPU
+    than broadcasting them into [P, sy, sx]); same arithmetic, so the same bits.
+    """
     sy, sx = strides
-    fy = (tf.range(sy, dtype=tf.float32) / sy)[:, None]
-    fx = tf.range(sx, dtype=tf.float32) / sx
-    values = _lerp_corners(*(corners[:, i, None, None] for i in range(4)), fx, fy)
-    return tf.reshape(values, [-1, sy * sx])
+    fy = (tf.range(sy, dtype=tf.float32) / sy)[:, None, None]
+    fx = (tf.range(sx, dtype=tf.float32) / sx)[:, None]
+    values = _lerp_corners(*tf.unstack(tf.transpose(corners)), fx, fy)  # [sy, sx, P]
+    return tf.transpose(tf.reshape(values, [sy * sx, -1]))
 
 
 def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, int]
@@ -260,6 +265,27 @@ def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, i
     fy = (tf.cast(pixel // sx, tf.float32) / sy)[:, None]
     fx = (tf.cast(pixel % sx, tf.float32) / sx)[:, None]
     return _lerp_corners(*(corners[..., i] for i in range(4)), fx, fy)
+
+
+def _lowest_slot_at_max(value: tf.Tensor, slot: tf.Tensor, rows: tf.Tensor,
+                        num_rows: tf.Tensor, none: tf.Tensor | int
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per row and pixel, the largest value over the row's pairs and the lowest slot with it
+    (`tf.argmax`'s tie rule; pairs come in ascending slot order within a row).
+
+    Args:
+      value: [P, s] per-pair samples; slot: [P] int32; rows: [P] sorted row of each pair;
+        num_rows: rows of the output; none: a sentinel above every slot.
+
+    Returns:
+      [num_rows, s] maxima and [num_rows, s] int32 slots.
+    """
+    best = _segment(tf.math.segment_max, value, rows, num_rows)
+    at_max = tf.cast(tf.equal(value, tf.gather(best, rows)), tf.int32)
+    # `slot` where the maximum is attained, else `none`: an integer blend (~2x faster on CPU
+    # than a select broadcasting the per-pair slot over the row).
+    candidate = none - at_max * (none - slot)[:, None]
+    return best, _segment(tf.math.segment_min, candidate, rows, num_rows)
 
 
 def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
@@ -414,10 +440,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         d_row = tf.gather(rank, d_cell)
         d_corners = corners_of(flat, n, d_cell, d_slot)
         value = _bilinear_cells(d_corners, strides)  # [Pd, s]
-        dominant_value = _segment(tf.math.segment_max, value, d_row, num_open)
-        dominant = _segment(tf.math.segment_min, tf.where(
-            tf.equal(value, tf.gather(dominant_value, d_row)), d_slot[:, None], n), d_row,
-            num_open)
+        dominant_value, dominant = _lowest_slot_at_max(value, d_slot, d_row, num_open, n)
         dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
         if zero_offsets:
@@ -443,10 +466,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
             z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
             z_scored = z_value + z_off
             # (Open cells without kept candidates get 0s: their pixels are void anyway.)
-            best = _segment(tf.math.segment_max, z_scored, z_row, num_open)
-            chosen = _segment(tf.math.segment_min, tf.where(
-                tf.equal(z_scored, tf.gather(best, z_row)), z_pos[:, None], num_kept), z_row,
-                num_open)
+            chosen = _lowest_slot_at_max(z_scored, z_pos, z_row, num_open, num_kept)[1]
             is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
             chosen_value = _segment(tf.math.segment_max,
                                     tf.where(is_chosen, z_value, -np.inf), z_row, num_open)
