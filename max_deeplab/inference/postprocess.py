@@ -288,6 +288,19 @@ def _lowest_slot_at_max(value: tf.Tensor, slot: tf.Tensor, rows: tf.Tensor,
     return best, _segment(tf.math.segment_min, candidate, rows, num_rows)
 
 
+def _true_pairs(condition: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(flat cell, channel) of the true entries of a [B, h, w, C] condition, in row-major
+    order (so the cells are sorted): int32 [P] each.
+
+    From the flat index: `tf.where` on the flattened condition writes one int64 per entry
+    instead of four coordinates (~15% faster on CPU).
+    """
+    channels = tf.shape(condition)[-1]
+    flat_index = tf.cast(tf.where(tf.reshape(condition, [-1]))[:, 0], tf.int32)
+    cell = flat_index // channels
+    return cell, flat_index - cell * channels
+
+
 def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
                 offset: tf.Tensor, size: tuple[int, int], strides: tuple[int, int],
                 pixel_threshold: float,
@@ -359,10 +372,8 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
                        -tf.reduce_min(mask_logits, axis=[1, 2, 3]))  # [B] max |logit|
     margin = _BOUND_MARGIN * (1.0 + tf.abs(scale))
     bound = tf.reduce_min(top_corners, -1) - margin[:, None, None]
-    pairs = tf.cast(tf.where(upper >= bound[..., None]), tf.int32)  # [P, 4]: b, y, x, slot
-    pair_cell = (pairs[:, 0] * h + pairs[:, 1]) * w + pairs[:, 2]
-    pair_slot = pairs[:, 3]
-    pair_kept = tf.gather(tf.reshape(kept, [-1]), pairs[:, 0] * n + pair_slot)
+    pair_cell, pair_slot = _true_pairs(upper >= bound[..., None])
+    pair_kept = tf.gather(tf.reshape(kept, [-1]), pair_cell // per_image * n + pair_slot)
     mixed = _count(pair_cell, num_cells) > 1
     may_keep = _segment(tf.math.segment_max, tf.cast(pair_kept, tf.int32), pair_cell,
                         num_cells) > 0  # some kept slot may dominate
@@ -388,15 +399,16 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         max_k = tf.reduce_max(low_k, -1, keepdims=True)
         lse = max_k[..., 0] + tf.math.log(tf.reduce_sum(tf.exp(low_k - max_k), -1))
     else:
-        upper_k = tf.nn.max_pool2d(low_k, 2, 1, "SAME") + off_k[:, None, None, :]
-        first = tf.argmax(low_k + off_k[:, None, None, :], axis=-1, output_type=tf.int32)
+        scored_k = low_k + off_k[:, None, None, :]
+        # Pooling after the offset gives the same bits as before it (rounding is monotone).
+        upper_k = tf.nn.max_pool2d(scored_k, 2, 1, "SAME")
+        first = tf.argmax(scored_k, axis=-1, output_type=tf.int32)
         first_slot = tf.gather(index, first, batch_dims=1)
         first_corners = tf.gather(flat_k, cell_corner * num_kept + first[..., None])
         first_off = tf.gather(off_k, first, batch_dims=1)
         bound_k = tf.reduce_min(first_corners, -1) + first_off - margin_k[:, None, None]
-        pairs_k = tf.cast(tf.where(valid[:, None, None, :] & (upper_k >= bound_k[..., None])),
-                          tf.int32)
-        pair_k_cell = (pairs_k[:, 0] * h + pairs_k[:, 1]) * w + pairs_k[:, 2]
+        pair_k_cell, pair_k_pos = _true_pairs(valid[:, None, None, :]
+                                              & (upper_k >= bound_k[..., None]))
         num_pairs_k = tf.shape(pair_k_cell)[0]
         mixed_k = _count(pair_k_cell, num_cells) > 1
         # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the first slot's
@@ -459,7 +471,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         else:
             sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
             z_cell = tf.boolean_mask(pair_k_cell, sel)
-            z_pos = tf.boolean_mask(pairs_k[:, 3], sel)
+            z_pos = tf.boolean_mask(pair_k_pos, sel)
             z_row = tf.gather(rank, z_cell)
             z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
             z_value = _bilinear_cells(z_corners, strides)
@@ -524,7 +536,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         table = tf.transpose(tf.reshape(table, [batch, h, w, sy, sx]), [0, 1, 3, 2, 4])
         return tf.reshape(table, [batch, h * sy, w * sx])[:, :out_h, :out_w]
 
-    num_pairs = tf.shape(pairs)[0] + num_pairs_k
+    num_pairs = tf.shape(pair_cell)[0] + num_pairs_k
     return tf.cond(num_pairs <= limit, open_cells, dense_codes)
 
 
