@@ -274,8 +274,9 @@ def _lowest_slot_at_max(value: tf.Tensor, slot: tf.Tensor, rows: tf.Tensor,
     (`tf.argmax`'s tie rule; pairs come in ascending slot order within a row).
 
     Args:
-      value: [P, s] per-pair samples; slot: [P] int32; rows: [P] sorted row of each pair;
-        num_rows: rows of the output; none: a sentinel above every slot.
+      value: [P, s] per-pair samples; slot: [P] int32 slot, or a key in the slots' order;
+        rows: [P] sorted row of each pair; num_rows: rows of the output; none: a sentinel
+        above every slot (key).
 
     Returns:
       [num_rows, s] maxima and [num_rows, s] int32 slots.
@@ -452,15 +453,19 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         d_row = tf.gather(rank, d_cell)
         d_corners = corners_of(flat, n, d_cell, d_slot)
         value = _bilinear_cells(d_corners, strides)  # [Pd, s]
-        dominant_value, dominant = _lowest_slot_at_max(value, d_slot, d_row, num_open, n)
-        dominant_kept = tf.gather(tf.reshape(kept, [-1]), cell_image[:, None] * n + dominant)
+        d_index = d_cell // per_image * n + d_slot
+        d_kept = tf.gather(tf.reshape(kept, [-1]), d_index)
+        # Slots ranked by the key 2·slot + discarded: the same order, and the winner's key
+        # carries its kept flag (no per-pixel lookup of the dominant slot's flag).
+        dominant_value, dominant_key = _lowest_slot_at_max(
+            value, 2 * d_slot + 1 - tf.cast(d_kept, tf.int32), d_row, num_open, 2 * n)
+        dominant = dominant_key // 2
+        dominant_kept = tf.equal(dominant_key % 2, 0)
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
         if zero_offsets:
             # The kept dominant-slot candidates, already interpolated; ẑ is the dominant slot
             # where that one is kept (elsewhere unused; the position is clipped into range).
-            d_index = d_cell // per_image * n + d_slot
-            z_sel = tf.where(tf.gather(tf.reshape(kept, [-1]), d_index)
-                             & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
+            z_sel = tf.where(d_kept & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
             z_cell, z_row = tf.gather(d_cell, z_sel), tf.gather(d_row, z_sel)
             z_pos = tf.gather(position, tf.gather(d_index, z_sel))
             z_corners, z_value = tf.gather(d_corners, z_sel), tf.gather(value, z_sel)
