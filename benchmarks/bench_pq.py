@@ -71,9 +71,10 @@ def _rounds(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[tuple[flo
     return runs
 
 
-def _median_ratio(runs: dict[str, list[tuple[float, float]]], num: str, den: str,
-                  field: int = 0) -> float:
-    return statistics.median(a[field] / b[field] for a, b in zip(runs[num], runs[den]))
+def _ratios(runs: dict[str, list[tuple[float, float]]], num: str, den: str,
+            field: int = 0) -> list[float]:
+    """Per-round ratio num / den of wall (field 0) or CPU (field 1) times."""
+    return [a[field] / b[field] for a, b in zip(runs[num], runs[den])]
 
 
 def _compare(ours: dict, ref: dict) -> float:
@@ -154,14 +155,15 @@ def main() -> int:
         print(f"{labels[name]:42s} {wall:6.2f}s {cpu:6.2f}s")
     base = "ref1" if "ref1" in runs else "ref"
     base_name = "reference on one core" if base == "ref1" else "reference, all cores"
-    per_round = ", ".join(f"{b[0] / a[0]:.1f}" for a, b in zip(runs["ours"], runs[base]))
+    speed_up = _ratios(runs, base, "ours")
+    per_round = ", ".join(f"{r:.1f}" for r in speed_up)
     print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
-          f"{_median_ratio(runs, base, 'ours'):5.1f}x (rounds: {per_round}; goal >= 10x; "
+          f"{statistics.median(speed_up):5.1f}x (rounds: {per_round}; goal >= 10x; "
           "DESIGN.md anchor: reference 8.9 s on one core)")
     print(f"wall speed-up, ours vs reference on the same cores: "
-          f"{_median_ratio(runs, 'ref', 'ours'):5.1f}x")
+          f"{statistics.median(_ratios(runs, 'ref', 'ours')):5.1f}x")
     print(f"CPU-time ratio, reference / ours (1 worker each):  "
-          f"{_median_ratio(runs, base, 'ours1', field=1):5.1f}x")
+          f"{statistics.median(_ratios(runs, base, 'ours1', field=1)):5.1f}x")
     print(f"PQ ours {ours['All']['pq']:.6f} reference {ref['All']['pq']:.6f}; "
           f"max |difference| over All/Things/Stuff/per-class pq,sq,rq: {worst:.2e}")
     if worst > 1e-9:

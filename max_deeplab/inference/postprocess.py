@@ -453,8 +453,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         d_row = tf.gather(rank, d_cell)
         d_corners = corners_of(flat, n, d_cell, d_slot)
         value = _bilinear_cells(d_corners, strides)  # [Pd, s]
-        d_index = d_cell // per_image * n + d_slot
-        d_kept = tf.gather(tf.reshape(kept, [-1]), d_index)
+        d_kept = tf.boolean_mask(pair_kept, sel)
         # Slots ranked by the key 2·slot + discarded: the same order, and the winner's key
         # carries its kept flag (no per-pixel lookup of the dominant slot's flag).
         dominant_value, dominant_key = _lowest_slot_at_max(
@@ -467,7 +466,7 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
             # where that one is kept (elsewhere unused; the position is clipped into range).
             z_sel = tf.where(d_kept & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
             z_cell, z_row = tf.gather(d_cell, z_sel), tf.gather(d_row, z_sel)
-            z_pos = tf.gather(position, tf.gather(d_index, z_sel))
+            z_pos = tf.gather(position, z_cell // per_image * n + tf.gather(d_slot, z_sel))
             z_corners, z_value = tf.gather(d_corners, z_sel), tf.gather(value, z_sel)
             chosen = tf.minimum(tf.gather(position, cell_image[:, None] * n + dominant),
                                 num_kept - 1)
