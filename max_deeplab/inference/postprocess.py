@@ -260,11 +260,13 @@ def _bilinear_cells(corners: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
 
 def _bilinear_pixels(corners: tf.Tensor, pixel: tf.Tensor, strides: tuple[int, int]
                      ) -> tf.Tensor:
-    """[P, K, 4] corner values + [P] pixel index in the cell (r·s_x + q) -> [P, K] samples."""
+    """[4, P, K] corner values + [P] pixel index in the cell (r·s_x + q) -> [P, K] samples.
+
+    Corner-major, so that each corner is a contiguous slice (no copy to unstack it)."""
     sy, sx = strides
     fy = (tf.cast(pixel // sx, tf.float32) / sy)[:, None]
     fx = (tf.cast(pixel % sx, tf.float32) / sx)[:, None]
-    return _lerp_corners(*(corners[..., i] for i in range(4)), fx, fy)
+    return _lerp_corners(*(corners[i] for i in range(4)), fx, fy)
 
 
 def _lowest_slot_at_max(value: tf.Tensor, slot: tf.Tensor, rows: tf.Tensor,
@@ -384,6 +386,8 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
     flat_k, off_flat = tf.reshape(low_k, [-1]), tf.reshape(off_k, [-1])
     off_scale = tf.reduce_max(tf.where(valid, tf.abs(off_k), 0.0), axis=-1)
     margin_k = _BOUND_MARGIN * (1.0 + tf.abs(scale) + off_scale)
+    # Slot -> its position among the kept slots of its image (index order).
+    position = tf.reshape(tf.cumsum(tf.cast(kept, tf.int32), axis=-1, exclusive=True), [-1])
     if zero_offsets:
         # ẑ = `top` where `top` is kept (the only cells where `first` is used, see
         # `cell_code`); the ẑ candidates of a cell are its kept dominant-slot candidates
@@ -391,9 +395,6 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         first_slot = top
         first_corners = top_corners
         num_pairs_k = tf.reduce_sum(tf.cast(pair_kept, tf.int32))
-        # Slot -> its position among the kept slots of its image (index order).
-        position = tf.reshape(tf.cumsum(tf.cast(kept, tf.int32), axis=-1, exclusive=True),
-                              [-1])
         mixed_k = tf.zeros_like(may_keep)
         # Kept-slot log-sum-exp at each low-resolution pixel, shifted by the kept maximum
         # (`top` may be discarded here, and its logit far above every kept one).
@@ -463,14 +464,13 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
         # ẑ per pixel from the kept candidates (open cells where a kept slot may dominate).
         if zero_offsets:
             # The kept dominant-slot candidates, already interpolated; ẑ is the dominant slot
-            # where that one is kept (elsewhere unused; the position is clipped into range).
+            # where that one is kept (elsewhere unused).
             z_sel = tf.where(d_kept & tf.gather(tf.reshape(may_keep, [-1]), d_cell))[:, 0]
             z_cell, z_row = tf.gather(d_cell, z_sel), tf.gather(d_row, z_sel)
-            z_pos = tf.gather(position, z_cell // per_image * n + tf.gather(d_slot, z_sel))
+            z_slot = tf.gather(d_slot, z_sel)
             z_corners, z_value = tf.gather(d_corners, z_sel), tf.gather(value, z_sel)
-            chosen = tf.minimum(tf.gather(position, cell_image[:, None] * n + dominant),
-                                num_kept - 1)
-            is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
+            chosen_slot = dominant
+            is_chosen = tf.equal(z_slot[:, None], tf.gather(dominant, z_row))
             chosen_value = dominant_value
         else:
             sel = tf.gather(open_flat & tf.reshape(may_keep, [-1]), pair_k_cell)
@@ -479,11 +479,14 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
             z_row = tf.gather(rank, z_cell)
             z_corners = corners_of(flat_k, num_kept, z_cell, z_pos)
             z_value = _bilinear_cells(z_corners, strides)
-            z_off = tf.gather(off_flat, z_cell // per_image * num_kept + z_pos)[:, None]
-            z_scored = z_value + z_off
-            # (Open cells without kept candidates get 0s: their pixels are void anyway.)
-            chosen = _lowest_slot_at_max(z_scored, z_pos, z_row, num_open, num_kept)[1]
-            is_chosen = tf.equal(z_pos[:, None], tf.gather(chosen, z_row))
+            z_flat_pos = z_cell // per_image * num_kept + z_pos
+            z_slot = tf.gather(tf.reshape(index, [-1]), z_flat_pos)
+            z_scored = z_value + tf.gather(off_flat, z_flat_pos)[:, None]
+            # Ranked by slot (the kept positions' order) so that the winner is its slot, not
+            # a position to look up per pixel. (Open cells without kept candidates get 0s:
+            # their pixels are void anyway.)
+            chosen_slot = _lowest_slot_at_max(z_scored, z_slot, z_row, num_open, n)[1]
+            is_chosen = tf.equal(z_slot[:, None], tf.gather(chosen_slot, z_row))
             chosen_value = _segment(tf.math.segment_max,
                                     tf.where(is_chosen, z_value, -np.inf), z_row, num_open)
         # Bounds of S = Σ_kept exp(v_k − v_ẑ): candidates' partial sum ≤ S ≤ Jensen bound.
@@ -504,29 +507,25 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
 
         def exact_confidence() -> tf.Tensor:
             # The undecided pixels over all kept slots of their cell: the confidence as
-            # `_kept_choice_dense`. Corners are gathered once per cell, values computed per
-            # undecided pixel only (~5 per cell at 641², N = 128), not for the whole cell.
-            exact_cells = tf.gather(cells, exact_rows)
-            count = tf.size(exact_rows)
-            rep_cells = tf.repeat(exact_cells, num_kept)
-            rep_pos = tf.tile(tf.range(num_kept), [count])
-            corners = tf.reshape(corners_of(flat_k, num_kept, rep_cells, rep_pos),
-                                 [count, num_kept, 4])
+            # `_kept_choice_dense`, computed per undecided pixel only (~5 per cell at 641²,
+            # N = 128), not for the whole cell. A cell's kept logits are a contiguous row of
+            # `low_k`, so each corner is one row copy rather than K element gathers.
             todo = tf.cast(tf.where(tf.gather(undecided, exact_rows)), tf.int32)  # [U, 2]
-            value = _bilinear_pixels(tf.gather(corners, todo[:, 0]), todo[:, 1], strides)
+            row_pixel = tf.stack([tf.gather(exact_rows, todo[:, 0]), todo[:, 1]], 1)
+            todo_cells = tf.gather(cells, row_pixel[:, 0])
+            corners = tf.gather(tf.reshape(low_k, [-1, num_kept]),
+                                tf.transpose(tf.gather(corner_cells, todo_cells)))  # [4, U, K]
+            value = _bilinear_pixels(corners, todo[:, 1], strides)  # [U, K]
             max_kept = tf.reduce_max(value, axis=1)  # [U]
             kept_sum = tf.reduce_sum(tf.exp(value - max_kept[:, None]), axis=1)
-            row_pixel = tf.stack([tf.gather(exact_rows, todo[:, 0]), todo[:, 1]], 1)
-            pos = tf.gather_nd(chosen, row_pixel)  # [U]
+            image = todo_cells // per_image
+            pos = tf.gather(position, image * n + tf.gather_nd(chosen_slot, row_pixel))  # [U]
             v_chosen = tf.gather(value, pos, batch_dims=1)
-            off = tf.gather(off_flat, tf.gather(exact_cells, todo[:, 0]) // per_image
-                            * num_kept + pos)
+            off = tf.gather(off_flat, image * num_kept + pos)
             conf = tf.exp((v_chosen + off) - off - max_kept) / kept_sum
             return tf.tensor_scatter_nd_update(bounded, row_pixel, conf > pixel_threshold)
 
         confident = tf.cond(tf.size(exact_rows) > 0, exact_confidence, lambda: bounded)
-        chosen_slot = tf.gather(tf.reshape(index, [-1]), cell_image[:, None] * num_kept
-                                + chosen)
         e = tf.where(dominant_kept, tf.where(confident, 1 + chosen_slot,
                                              1 + n + chosen_slot), 0)
         codes = (cell_image[:, None] * n + dominant) * num_codes + e
