@@ -11,8 +11,8 @@ comparable across machines. Reference (deeplab2's post-processor, same machine k
 
 The machine is shared, so its speed drifts during a run: the rows are measured together,
 in rounds; in each round every row, in an order rotated from round to round, is timed as
-(one matmul, best of 3 runs of the row), and each row reports the median of its per-round
-ratios with its median time.
+(best of 3 matmuls, best of 3 runs of the row), and each row reports the median of its
+per-round ratios with its median time.
 
 Rows:
 * ``export keys``: the function returns what the SavedModel's serving signature returns
@@ -57,7 +57,8 @@ def _best_time(fn, repeats: int) -> float:
 
 def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
     """Per function: (median seconds, median ratio to ``unit_fn``) over rounds in which every
-    function, starting from a different one each round, is timed right after one unit."""
+    function, starting from a different one each round, is timed right after the unit (each
+    the best of 3 runs)."""
     for fn in fns:
         fn()  # warm-up (tracing / compilation)
     seconds = [[] for _ in fns]
@@ -65,7 +66,8 @@ def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
     for r in range(rounds):
         for k in range(len(fns)):
             i = (r + k) % len(fns)
-            unit = _best_time(unit_fn, 1)
+            # Both best of 3: a single unit against a best-of-3 row would bias the ratio low.
+            unit = _best_time(unit_fn, 3)
             best = _best_time(fns[i], 3)
             seconds[i].append(best)
             ratios[i].append(best / unit)
