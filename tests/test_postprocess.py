@@ -484,6 +484,36 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
 
 
 @pytest.mark.parametrize("paper", [True, False])
+def test_single_image_equals_its_row_of_a_batch(paper):
+    # A batch of one takes its own (2-D matmul) route to the kept-slot logits: same codes
+    # and outputs as the same image inside a batch.
+    rng = np.random.default_rng(int(paper))
+    b, h, w, n, c = 2, 9, 11, 24, 5
+    ml = _smooth_logits(rng, b, h, w, n)
+    cl = rng.normal(0, 3, (b, n, c + 1)).astype(np.float32)
+    kept = rng.random((b, n)) < 0.5
+    offset = (np.log(rng.uniform(0.7, 1.0, (b, n))) if paper else np.zeros((b, n))
+              ).astype(np.float32)
+    index, valid = _pp_module._kept_slots(tf.constant(kept))
+    one_index, one_valid = _pp_module._kept_slots(tf.constant(kept[:1]))
+    low, off = _pp_module._kept_logits(tf.constant(ml), index, valid, tf.constant(offset))
+    one_low, one_off = _pp_module._kept_logits(tf.constant(ml[:1]), one_index, one_valid,
+                                               tf.constant(offset[:1]))
+    k = int(kept[0].sum())
+    np.testing.assert_array_equal(one_low.numpy()[..., :k], low.numpy()[:1, ..., :k])
+    np.testing.assert_array_equal(one_low.numpy()[..., :k],
+                                  ml[:1][..., np.flatnonzero(kept[0])])
+    np.testing.assert_array_equal(one_off.numpy()[:, :k], off.numpy()[:1, :k])
+    kw = dict(is_thing=[True, False, True, False, True], image_size=(33, 41),
+              thing_area_limit=6, stuff_area_limit=10, area_limit_reference_size=None,
+              weight_masks_by_class_confidence=paper)
+    batch = postprocess({"mask_logits": ml, "class_logits": cl}, **kw)
+    single = postprocess({"mask_logits": ml[:1], "class_logits": cl[:1]}, **kw)
+    for key in ("panoptic", "semantic", "instance", "mask_id"):
+        np.testing.assert_array_equal(single[key].numpy(), batch[key].numpy()[:1], err_msg=key)
+
+
+@pytest.mark.parametrize("paper", [True, False])
 def test_confidence_bound_where_a_discarded_slot_towers_over_the_kept_ones(paper):
     # One stride-4 cell. Slot 1 (discarded) is +200 at the top-right corner and -200
     # elsewhere; kept slot 0 is 0 and kept slots 2-6 are -0.5 everywhere, so where slot 0
