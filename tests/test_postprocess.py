@@ -485,8 +485,9 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
 
 @pytest.mark.parametrize("paper", [True, False])
 def test_single_image_equals_its_row_of_a_batch(paper):
-    # A batch of one takes its own (2-D matmul) route to the kept-slot logits: same codes
-    # and outputs as the same image inside a batch.
+    # A batch of one takes its own (2-D matmul) route to the kept-slot logits, chosen when
+    # tracing or, for a batch size unknown until run time, in the graph: same codes and
+    # outputs as the same image inside a batch.
     rng = np.random.default_rng(int(paper))
     b, h, w, n, c = 2, 9, 11, 24, 5
     ml = _smooth_logits(rng, b, h, w, n)
@@ -509,8 +510,15 @@ def test_single_image_equals_its_row_of_a_batch(paper):
               weight_masks_by_class_confidence=paper)
     batch = postprocess({"mask_logits": ml, "class_logits": cl}, **kw)
     single = postprocess({"mask_logits": ml[:1], "class_logits": cl[:1]}, **kw)
-    for key in ("panoptic", "semantic", "instance", "mask_id"):
-        np.testing.assert_array_equal(single[key].numpy(), batch[key].numpy()[:1], err_msg=key)
+    # A batch size unknown until run time (the SavedModel's signatures) decides in the graph.
+    traced = tf.function(
+        lambda m, c_: postprocess({"mask_logits": m, "class_logits": c_}, **kw),
+        input_signature=[tf.TensorSpec([None, h, w, n]), tf.TensorSpec([None, n, c + 1])])
+    for got in (single, traced(ml[:1], cl[:1])):
+        for key in ("panoptic", "semantic", "instance", "mask_id"):
+            np.testing.assert_array_equal(got[key].numpy(), batch[key].numpy()[:1],
+                                          err_msg=key)
+    np.testing.assert_array_equal(traced(ml, cl)["panoptic"].numpy(), batch["panoptic"].numpy())
 
 
 @pytest.mark.parametrize("paper", [True, False])

@@ -191,13 +191,20 @@ def _kept_logits(mask_logits: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
     # exact for finite logits in float32 matmul: each output is x·1 plus zeros.
     shape = tf.shape(mask_logits)
     select = tf.one_hot(index, int(mask_logits.shape[-1]), dtype=mask_logits.dtype)
-    if mask_logits.shape[0] == 1:
-        # A single image (e.g. serving): a plain matmul, ~30% faster on CPU than the batched.
-        low = tf.matmul(tf.reshape(mask_logits, [-1, shape[3]]), select[0],
-                        transpose_b=True)[None]
+
+    def one_image() -> tf.Tensor:  # a plain matmul: ~30% faster on CPU than the batched one
+        return tf.matmul(tf.reshape(mask_logits, [-1, shape[3]]), select[0],
+                         transpose_b=True)[None]
+
+    def batched() -> tf.Tensor:
+        return tf.matmul(tf.reshape(mask_logits, [shape[0], -1, shape[3]]), select,
+                         transpose_b=True)  # [B, h·w, K]
+
+    batch = mask_logits.shape[0]
+    if batch is None:  # e.g. the SavedModel's signatures, which serve one image at a time
+        low = tf.cond(tf.equal(shape[0], 1), one_image, batched)
     else:
-        low = tf.matmul(tf.reshape(mask_logits, [shape[0], -1, shape[3]]), select,
-                        transpose_b=True)  # [B, h·w, K]
+        low = one_image() if batch == 1 else batched()
     # Padding exists only with B > 1 (or no kept slot): skip the masking pass otherwise.
     low = tf.cond(tf.reduce_all(valid), lambda: low,
                   lambda: tf.where(valid[:, None, :], low, _NEG))
