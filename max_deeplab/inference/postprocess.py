@@ -201,7 +201,7 @@ def _kept_logits(mask_logits: tf.Tensor, index: tf.Tensor, valid: tf.Tensor,
                          transpose_b=True)  # [B, h·w, K]
 
     batch = mask_logits.shape[0]
-    if batch is None:  # e.g. the SavedModel's signatures, which serve one image at a time
+    if batch is None:  # e.g. the SavedModel's signatures (`serving_default` runs B = 1)
         low = tf.cond(tf.equal(shape[0], 1), one_image, batched)
     else:
         low = one_image() if batch == 1 else batched()
