@@ -12,7 +12,9 @@ comparable across machines. Reference (deeplab2's post-processor, same machine k
 The machine is shared, so its speed drifts during a run: the rows are measured together,
 in rounds; in each round every row, in an order rotated from round to round, is timed as
 (best of 3 matmuls, best of 3 runs of the row), and each row reports the median of its
-per-round ratios with its median time.
+per-round ratios with its median time. Each round's host steal share is printed too
+(`host_steal`): with high steal the ratios time the neighbours, and the memory-bound
+post-processing suffers more from them than the compute-bound matmul unit.
 
 Rows:
 * ``export keys``: the function returns what the SavedModel's serving signature returns
@@ -37,6 +39,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from host_steal import cpu_times, describe, steal_share  # noqa: E402
 from machine_units import MATMUL_N, matmul_unit  # noqa: E402
 
 from max_deeplab.inference import postprocess  # noqa: E402
@@ -55,15 +58,18 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
+def timed_rounds(fns, unit_fn, rounds: int
+                 ) -> tuple[list[tuple[float, float]], list[float | None]]:
     """Per function: (median seconds, median ratio to ``unit_fn``) over rounds in which every
     function, starting from a different one each round, is timed right after the unit (each
-    the best of 3 runs)."""
+    the best of 3 runs); and the host's steal share of each round (`host_steal`)."""
     for fn in fns:
         fn()  # warm-up (tracing / compilation)
     seconds = [[] for _ in fns]
     ratios = [[] for _ in fns]
+    steal = []
     for r in range(rounds):
+        before = cpu_times()
         for k in range(len(fns)):
             i = (r + k) % len(fns)
             # Both best of 3: a single unit against a best-of-3 row would bias the ratio low.
@@ -71,7 +77,9 @@ def timed_rounds(fns, unit_fn, rounds: int) -> list[tuple[float, float]]:
             best = _best_time(fns[i], 3)
             seconds[i].append(best)
             ratios[i].append(best / unit)
-    return [(float(np.median(s)), float(np.median(r))) for s, r in zip(seconds, ratios)]
+        steal.append(steal_share(before, cpu_times()))
+    return ([(float(np.median(s)), float(np.median(r))) for s, r in zip(seconds, ratios)],
+            steal)
 
 
 def make_outputs(batch: int, size: int, logits: str, seed: int = 0) -> dict[str, tf.Tensor]:
@@ -142,12 +150,14 @@ def main() -> None:
                              jit_compile=jit)
             labels.append((rule, name))
             fns.append(lambda fn=fn: [v.numpy() for v in fn(outputs).values()])
-    results = timed_rounds(fns, lambda: matmul().numpy(), args.rounds)
+    results, steal = timed_rounds(fns, lambda: matmul().numpy(), args.rounds)
     for (rule, name), (seconds, ratio) in zip(labels, results):
         print(f"{rule:14s} {name:30s} {seconds / args.batch * 1e3:8.1f} ms/image = "
               f"{ratio / args.batch:.3f} units (reference {REFERENCE_UNITS}, "
               f"target ≤ {TARGET_UNITS})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if describe(steal):
+        print(describe(steal))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ line, each as a fresh Python process:
 The commands run in rounds (each round: ours with all workers, ours with one, the reference
 with all cores, the reference on one core), so that every ratio compares runs made within
 seconds of each other on this shared machine, whose speed drifts over minutes; each ratio is
-the median of its per-round ratios. Prints the median times, the ratios, and checks that
+the median of its per-round ratios. Prints the median times, the ratios, each round's host
+steal share (`host_steal`: on a shared VM, rounds with high steal time the neighbours, and
+they slow our two-core run more than the one-core reference), and checks that
 PQ/SQ/RQ (All, Things, Stuff, per class) agree to 1e-9. Goal: >= 10x faster than the
 reference on one core.
 
@@ -33,6 +35,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from host_steal import cpu_times, describe, steal_share  # noqa: E402
 
 _REFERENCE = """
 import json, sys, multiprocessing
@@ -60,15 +65,20 @@ def _run(cmd: list[str]) -> tuple[float, float]:
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
-def _rounds(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[tuple[float, float]]]:
-    """Runs every command once per round, in a rotated order; (wall, cpu) per run."""
+def _rounds(cmds: dict[str, list[str]], rounds: int
+            ) -> tuple[dict[str, list[tuple[float, float]]], list[float | None]]:
+    """Runs every command once per round, in a rotated order; (wall, cpu) per run, and the
+    host's steal share of each round (`host_steal`)."""
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    steal: list[float | None] = []
     names = list(cmds)
     for r in range(rounds):
+        before = cpu_times()
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             runs[name].append(_run(cmds[name]))
-    return runs
+        steal.append(steal_share(before, cpu_times()))
+    return runs, steal
 
 
 def _ratios(runs: dict[str, list[tuple[float, float]]], num: str, den: str,
@@ -133,7 +143,7 @@ def main() -> int:
                 "ref": ref_cmd(ref_json, False)}
         if not args.skip_one_core:
             cmds["ref1"] = ref_cmd(os.path.join(tmp, "ref1.json"), True)
-        runs = _rounds(cmds, args.rounds)
+        runs, steal = _rounds(cmds, args.rounds)
 
         with open(ours_json) as f:
             ours = json.load(f)
@@ -160,6 +170,8 @@ def main() -> int:
     print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
           f"{statistics.median(speed_up):5.1f}x (rounds: {per_round}; goal >= 10x; "
           "DESIGN.md anchor: reference 8.9 s on one core)")
+    if describe(steal):
+        print(describe(steal))
     print(f"wall speed-up, ours vs reference on the same cores: "
           f"{statistics.median(_ratios(runs, 'ref', 'ours')):5.1f}x")
     print(f"CPU-time ratio, reference / ours (1 worker each):  "

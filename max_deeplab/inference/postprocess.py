@@ -52,6 +52,12 @@ slot (largest mask logit) and e = 0 (a discarded: void), 1 + ẑ (confident) or 
   When too many slots stay candidates (e.g. spatially white-noise logits) the dense path
   runs instead.
 
+The kept slots' logits are selected with a one-hot matmul (`_kept_logits`), exact in float32.
+On GPUs that run float32 matmuls in TensorFloat-32 (TF's default on NVIDIA Ampere and newer)
+it rounds the logits to 10 mantissa bits, as TF32 already does inside the network that
+produced them; the dynamic paths may then differ from the static one at near-ties.
+`tf.config.experimental.enable_tensor_float_32_execution(False)` restores exact agreement.
+
 The float ``pixel_confidence`` output needs the kept-slot sum at every pixel; the cells path
 computes it with the dense kept-slot upsample, which graph mode (`tf.function`, SavedModel)
 skips when that output is not fetched (export returns only the label maps). It agrees with
