@@ -20,8 +20,10 @@ def resize_align_corners(x: tf.Tensor, size) -> tf.Tensor:
     """
     if x.shape[1] == size[0] and x.shape[2] == size[1]:
         return x
-    resized = tf.compat.v1.image.resize_bilinear(tf.cast(x, tf.float32), size,
-                                                 align_corners=True)
+    # The op behind tf.compat.v1.image.resize_bilinear (deeplab2's resize), without that
+    # wrapper's deprecation warning; TF2's tf.image.resize has no align-corners mode.
+    resized = tf.raw_ops.ResizeBilinear(images=tf.cast(x, tf.float32), size=size,
+                                        align_corners=True, half_pixel_centers=False)
     return tf.cast(resized, x.dtype)
 
 
