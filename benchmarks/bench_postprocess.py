@@ -156,8 +156,9 @@ def main() -> None:
               f"{ratio / args.batch:.3f} units (reference {REFERENCE_UNITS}, "
               f"target ≤ {TARGET_UNITS})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if describe(steal):
-        print(describe(steal))
+    steal_line = describe(steal)
+    if steal_line:
+        print(steal_line)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,9 @@ def main() -> int:
     print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
           f"{statistics.median(speed_up):5.1f}x (rounds: {per_round}; goal >= 10x; "
           "DESIGN.md anchor: reference 8.9 s on one core)")
-    if describe(steal):
-        print(describe(steal))
+    steal_line = describe(steal)
+    if steal_line:
+        print(steal_line)
     print(f"wall speed-up, ours vs reference on the same cores: "
           f"{statistics.median(_ratios(runs, 'ref', 'ours')):5.1f}x")
     print(f"CPU-time ratio, reference / ours (1 worker each):  "
