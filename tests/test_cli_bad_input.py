@@ -429,3 +429,24 @@ def test_start_up_checks_leave_gin_macros_to_the_build():
             train_cli.check_num_classes(5, "data")
     finally:
         parse_gin_flags(["tiny.gin"], [])
+
+
+def test_start_up_checks_leave_tf_unconfigured():
+    """train's early checks run before the distribution strategy is made, so they must not
+    start TF's eager context: a multi-worker strategy configures its collectives at start-up
+    and fails afterwards ("Collective ops must be configured at program startup"). Checked
+    in a fresh process through a setting TF refuses to change once the context exists."""
+    code = """
+from max_deeplab.cli import train
+from max_deeplab.cli.gin_flags import parse_gin_flags
+import tensorflow as tf
+parse_gin_flags(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 10"])
+train.check_learning_rate_schedule(100)
+train.check_segments_fit_mask_slots()
+tf.config.threading.set_inter_op_parallelism_threads(1)  # RuntimeError once initialised
+print("unconfigured")
+"""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "unconfigured" in proc.stdout, proc.stderr[-2000:]

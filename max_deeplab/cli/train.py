@@ -154,7 +154,15 @@ def configured_value(configurable_name: str, configurable: Callable, parameter: 
 def check_learning_rate_schedule(total_steps: int) -> None:
     """Builds the configured learning-rate schedule once, so that a bad warmup or learning
     rate is reported before anything is written or built (it is built again, inside the
-    strategy, with the optimiser)."""
+    strategy, with the optimiser).
+
+    It is built in a throwaway graph: the warmup schedule evaluates the decay at its last
+    warmup step, and an eager op here would start TF's eager context, after which a
+    multi-worker strategy can no longer configure its collectives ("Collective ops must be
+    configured at program startup").
+    """
+    import tensorflow as tf
+
     from max_deeplab.training.optimizers import build_optimizer
     from max_deeplab.training.schedules import build_learning_rate_schedule
 
@@ -162,7 +170,8 @@ def check_learning_rate_schedule(total_steps: int) -> None:
                                      "base_learning_rate")
     # Macros or references (%LR, @fn()) resolve only when the optimiser is built.
     if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-        build_learning_rate_schedule(learning_rate, total_steps)
+        with tf.Graph().as_default():
+            build_learning_rate_schedule(learning_rate, total_steps)
 
 
 def check_segments_fit_mask_slots() -> None:
