@@ -5,9 +5,10 @@ Generates ~120 COCO-sized (480x640) ground-truth / prediction pairs with 10-30 s
 line, each as a fresh Python process:
 
 - ours: `python -m max_deeplab pq ...` (default workers = usable cores);
-- reference: panopticapi `pq_compute` (panopticapi-lite), run via `python -c`, once as
-  installed (one worker per core) and once forced onto one core, the DESIGN.md §8 anchor
-  (8.9 s measured on one core for this workload).
+- reference: panopticapi `pq_compute` (panopticapi-lite), run via `python -c` in its own
+  environment, `.venv-reference` (it pins numpy<2; `bash scripts/ensure_reference_venv.sh`
+  makes it, scripts/test.sh too), once as installed (one worker per core) and once forced
+  onto one core, the DESIGN.md §8 anchor (8.9 s measured on one core for this workload).
 
 The commands run in rounds (each round: ours with all workers, ours with one, the reference
 with all cores, the reference on one core), so that every ratio compares runs made within
@@ -19,6 +20,7 @@ PQ/SQ/RQ (All, Things, Stuff, per class) agree to 1e-9. Goal: >= 10x faster than
 reference on one core.
 
     .venv/bin/python benchmarks/bench_pq.py [--num_images 120] [--rounds 3]
+        [--reference_python .venv-reference/bin/python]
 """
 from __future__ import annotations
 
@@ -107,7 +109,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip_one_core", action="store_true",
                         help="skip the (slow) single-core reference run")
+    parser.add_argument("--reference_python",
+                        default=os.environ.get("MAX_DEEPLAB_REFERENCE_PYTHON")
+                        or os.path.join(REPO, ".venv-reference", "bin", "python"),
+                        help="interpreter of the environment with panopticapi-lite")
     args = parser.parse_args()
+    if not os.access(args.reference_python, os.X_OK):
+        sys.exit(f"no reference evaluator environment at {args.reference_python}: create it "
+                 "with `bash scripts/ensure_reference_venv.sh` in the repository root, or "
+                 "pass --reference_python")
 
     from max_deeplab.evaluation.random_cases import default_categories, random_pair_set
 
@@ -135,7 +145,7 @@ def main() -> int:
                     "--pred_dir", paths["pred_dir"], "--output", ours_json]
 
         def ref_cmd(out: str, one_core: bool) -> list[str]:
-            return [py, "-c", _REFERENCE, paths["gt_json"], paths["pred_json"],
+            return [args.reference_python, "-c", _REFERENCE, paths["gt_json"], paths["pred_json"],
                     paths["gt_dir"], paths["pred_dir"], out, "1" if one_core else "0"]
 
         ref_json = os.path.join(tmp, "ref.json")

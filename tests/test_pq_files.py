@@ -1,5 +1,6 @@
 """`max-deeplab pq` / `pq_compute`: COCO panoptic files, checked against hand-computed values
-and against the COCO reference evaluator (panopticapi `pq_compute_single_core`)."""
+and against the COCO reference evaluator (panopticapi `pq_compute_single_core`, run in its
+own environment by `reference_evaluator`)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from reference_evaluator import reference_pq
 
 from max_deeplab.cli import pq as pq_cli
 from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
@@ -101,27 +103,6 @@ def crafted_expected() -> dict:
                       ("Stuff", [SKY, GRASS, WATER])):
         out[name] = {k: float(np.mean([per_class[c][k] for c in ids])) for k in ("pq", "sq", "rq")}
         out[name]["n"] = len(ids)
-    return out
-
-
-def reference_pq(paths: dict) -> dict:
-    """The COCO reference evaluator's own per-image code and averaging, in this process."""
-    from panopticapi.evaluation import PQStat, pq_compute_single_core
-
-    with open(paths["gt_json"]) as f:
-        gt = json.load(f)
-    with open(paths["pred_json"]) as f:
-        pred = json.load(f)
-    categories = {c["id"]: c for c in gt["categories"]}
-    by_id = {a["image_id"]: a for a in pred["annotations"]}
-    pairs = [(a, by_id[a["image_id"]]) for a in gt["annotations"]]
-    stat = pq_compute_single_core(0, pairs, paths["gt_dir"], paths["pred_dir"], categories)
-    assert isinstance(stat, PQStat)
-    out = {}
-    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
-        out[name], per_class = stat.pq_average(categories, isthing=isthing)
-        if name == "All":
-            out["per_class"] = per_class
     return out
 
 

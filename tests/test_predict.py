@@ -1,5 +1,5 @@
 """`max-deeplab predict` (DESIGN.md §6): overlays + COCO panoptic results accepted by the
-reference evaluator (panopticapi's pq_compute), unreadable images skipped."""
+reference evaluator (panopticapi, run in its own environment), unreadable images skipped."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_panoptic_to_coco_segments_by_hand():
 
 
 def test_predict_cli_outputs_accepted_by_reference_evaluator(tmp_path, capsys):
-    from panopticapi.evaluation import pq_compute
+    from reference_evaluator import reference_pq
     from test_export import StandIn
 
     from max_deeplab.cli import predict
@@ -79,10 +79,10 @@ def test_predict_cli_outputs_accepted_by_reference_evaluator(tmp_path, capsys):
     img = np.asarray(Image.open(data / "train" / (os.path.basename(overlays[0])[:-4] + ".jpg")))
     assert ov.shape == img.shape and np.abs(ov.astype(int) - img).mean() > 5  # drawn on
 
-    results = pq_compute(str(data / "annotations" / "panoptic_train.json"),
-                         str(out_dir / "predictions.json"),
-                         gt_folder=str(data / "panoptic_train"), pred_folder=str(out_dir /
-                                                                                 "panoptic"))
+    results = reference_pq({"gt_json": str(data / "annotations" / "panoptic_train.json"),
+                            "gt_dir": str(data / "panoptic_train"),
+                            "pred_json": str(out_dir / "predictions.json"),
+                            "pred_dir": str(out_dir / "panoptic")})
     assert 0.0 <= results["All"]["pq"] <= 1.0
 
 
