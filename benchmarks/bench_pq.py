@@ -116,7 +116,7 @@ def main() -> int:
     args = parser.parse_args()
     if not os.access(args.reference_python, os.X_OK):
         sys.exit(f"no reference evaluator environment at {args.reference_python}: create it "
-                 "with `bash scripts/ensure_reference_venv.sh` in the repository root, or "
+                 "with `bash scripts/ensure_reference_venv.sh`, or "
                  "pass --reference_python")
 
     from max_deeplab.evaluation.random_cases import default_categories, random_pair_set

@@ -46,7 +46,7 @@ def reference_python() -> str:
     if not os.access(path, os.X_OK):
         pytest.fail(f"the COCO reference evaluator's environment is missing ({path}): run the "
                     "tests with scripts/test.sh, or create it with "
-                    "`bash scripts/ensure_reference_venv.sh` in the repository root")
+                    "`bash scripts/ensure_reference_venv.sh`")
     return path
 
 
