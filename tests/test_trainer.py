@@ -132,6 +132,10 @@ class StandInWithBatchNorm(StandIn):
 
     def __init__(self, synchronized: bool):
         super().__init__()
+        # No bias before the norm, as in the model: BN cancels it, so its true gradient is 0
+        # and it would only accumulate float noise (which differs between replica counts).
+        self.encoder = tfk.layers.Conv2D(4, 3, padding="same", name="encoder", use_bias=False,
+                                         kernel_initializer=tfk.initializers.GlorotUniform(1))
         self.norm = batch_norm_layer(synchronized=synchronized)(name="norm")
 
     def call(self, images, training=None):
