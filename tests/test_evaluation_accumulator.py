@@ -69,8 +69,8 @@ def test_hand_computed_case():
     assert_result_close(acc.result(), hand_expected(), 1e-12)
     s = acc.stats
     assert s.category_ids == [1, 2, 3, 4]
-    assert s.tp.tolist() == [1, 0, 1, 0] and s.fp.tolist() == [1, 0, 0, 1]
-    assert s.fn.tolist() == [0, 0, 0, 0]
+    assert s.tp == [1, 0, 1, 0] and s.fp == [1, 0, 0, 1]
+    assert s.fn == [0, 0, 0, 0]
 
 
 def test_void_conventions_and_thing_without_instance():
@@ -81,7 +81,7 @@ def test_void_conventions_and_thing_without_instance():
     pred2[2:, 2:4] = 100  # person b becomes "person, no instance": void, so no FP
     acc = PanopticQualityAccumulator(5, IS_THING, label_divisor=D, ignore_label=0)
     acc.update(gt2, pred2)
-    assert acc.stats.fp.tolist() == [0, 0, 0, 1]
+    assert acc.stats.fp == [0, 0, 0, 1]
     assert acc.result()["per_class"][1] == {"pq": 2 / 3, "sq": 2 / 3, "rq": 1.0}
 
 

@@ -61,9 +61,9 @@ def test_agrees_with_numpy_accumulator(jit):
         step(tf.constant(gt, tf.int32), tf.constant(pred, tf.int32))
         acc.update(gt, pred)
     stats = metric.stats()
-    assert stats.tp.tolist() == acc.stats.tp.tolist()
-    assert stats.fp.tolist() == acc.stats.fp.tolist()
-    assert stats.fn.tolist() == acc.stats.fn.tolist()
+    assert stats.tp == acc.stats.tp
+    assert stats.fp == acc.stats.fp
+    assert stats.fn == acc.stats.fn
     expected = acc.result()
     assert 0 < expected["All"]["pq"] < 1 and expected["Things"]["n"] and expected["Stuff"]["n"]
     assert_result_close(metric.summarize(), expected, 1e-5)

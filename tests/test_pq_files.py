@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from png_files import ihdr, png_bytes, png_file
 from reference_evaluator import reference_pq
 
 from max_deeplab.cli import pq as pq_cli
@@ -152,7 +153,7 @@ def test_random_cases_match_reference(tmp_path, seed):
     assert 0.0 < ours["All"]["pq"] < 1.0 and ours["Things"]["n"] and ours["Stuff"]["n"]
 
 
-def test_cli_two_workers_json_table_and_no_tensorflow(tmp_path):
+def test_cli_two_workers_json_table_and_no_tensorflow_or_numpy(tmp_path):
     rng = np.random.default_rng(7)
     cats = default_categories(4, 3)
     pairs = []
@@ -169,8 +170,10 @@ def test_cli_two_workers_json_table_and_no_tensorflow(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:")]
-    assert "numpy" in imported  # the importtime listing is really there
-    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "tf_keras", "keras")]
+    # The importtime listing is really there, and shows the C path was taken.
+    assert "max_deeplab.evaluation._png_overlap" in imported
+    assert not [m for m in imported
+                if m.split(".")[0] in ("tensorflow", "tf_keras", "keras", "numpy")]
     assert "All" in proc.stdout and "Things" in proc.stdout and "thing0 (" in proc.stdout
     metrics = json.loads(out.read_text())
     assert set(metrics) == {"All", "Things", "Stuff", "per_class"}
@@ -375,55 +378,17 @@ def test_rgba_pngs_read_like_the_reference_and_gray_pngs_rejected(crafted, capsy
 
 # ------------------------------------------------------------------------- PNG decoding
 
-# Adam7 passes as (x0, y0, dx, dy), from the PNG specification.
-_ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
-          (0, 1, 1, 2)]
-
-
-def _png_file(ihdr: bytes, compressed: bytes) -> bytes:
-    """PNG bytes from an IHDR body and the (zlib) image data, every chunk with a valid CRC."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", compressed)
-            + chunk(b"IEND", b""))
-
-
-def _ihdr(width: int, height: int, depth: int, color_type: int, interlaced: bool = False
-          ) -> bytes:
-    import struct
-
-    return struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, int(interlaced))
-
-
-def _png_bytes(samples: np.ndarray, color_type: int, interlaced: bool = False) -> bytes:
-    """A PNG written by hand (filter 0): any bit depth / colour type / interlace Pillow
-    cannot write, so the decoder is checked on them too."""
-    import zlib
-
-    h, w = samples.shape[:2]
-    depth = 16 if samples.dtype == np.uint16 else 8
-    big = samples.astype(">u2" if depth == 16 else np.uint8)
-    images = [big[y0::dy, x0::dx] for x0, y0, dx, dy in _ADAM7] if interlaced else [big]
-    raw = b"".join(b"\x00" + row.tobytes() for img in images if img.size for row in img)
-    return _png_file(_ihdr(w, h, depth, color_type, interlaced), zlib.compress(raw))
-
-
 @pytest.mark.parametrize("depth,channels,interlaced", [
     (8, 3, False), (8, 4, False), (16, 3, False), (16, 4, False), (8, 3, True), (16, 4, True)])
 def test_png_variants_decode_to_the_ids_pillow_reads(tmp_path, depth, channels, interlaced):
-    from max_deeplab.evaluation.coco_panoptic import read_png_rgb
+    from max_deeplab.evaluation.numpy_png_overlap import read_png_rgb
 
     rng = np.random.default_rng(depth + channels + interlaced)
     h, w = 13, 11  # odd sizes: partial Adam7 blocks, a last pixel at an odd byte offset
     top = 256 if depth == 8 else 65536
     samples = rng.integers(0, top, (h, w, channels)).astype(np.uint8 if depth == 8 else np.uint16)
     path = tmp_path / "x.png"
-    path.write_bytes(_png_bytes(samples, 2 if channels == 3 else 6, interlaced))
+    path.write_bytes(png_bytes(samples, 2 if channels == 3 else 6, interlaced))
     high = samples[..., :3].astype(np.int64) >> (depth - 8)  # Pillow keeps the high byte
     expected = high[..., 0] + 256 * high[..., 1] + 65536 * high[..., 2]
     rgb = read_png_rgb(str(path))
@@ -439,11 +404,11 @@ def test_png_variants_decode_to_the_ids_pillow_reads(tmp_path, depth, channels, 
     # Blocks of a few pixels: runs that cross block boundaries, a last block of one pixel.
     ((7, 5), 1), ((7, 5), 2), ((7, 5), 5), ((16, 16), 17), ((16, 16), 255)])
 def test_pair_runs_match_a_direct_computation(shape, block, monkeypatch):
-    from max_deeplab.evaluation import coco_panoptic
-    from max_deeplab.evaluation.coco_panoptic import pair_runs
+    from max_deeplab.evaluation import numpy_png_overlap
+    from max_deeplab.evaluation.numpy_png_overlap import pair_runs
 
     if block is not None:
-        monkeypatch.setattr(coco_panoptic, "_RUN_BLOCK_PIXELS", block)
+        monkeypatch.setattr(numpy_png_overlap, "_RUN_BLOCK_PIXELS", block)
     rng = np.random.default_rng(shape[0] * 100 + shape[1])
     # Few distinct ids, some differing in one byte only (R, G or B), so runs form and every
     # byte position can be the only one that changes.
@@ -486,9 +451,9 @@ def test_error_malformed_pngs_with_valid_crcs(tmp_path, color_type, channels):
     """Errors the CRC check cannot see reach the decoders and come back as a clear error."""
     import zlib
 
-    from max_deeplab.evaluation.coco_panoptic import read_png_rgb
+    from max_deeplab.evaluation.numpy_png_overlap import read_png_rgb
 
-    header = _ihdr(5, 6, 8, color_type)
+    header = ihdr(5, 6, 8, color_type)
     row = 1 + 5 * channels
     cases = {
         "bad filter": (header, zlib.compress(b"\x07" + bytes(row - 1) + bytes(5 * row)),
@@ -497,16 +462,16 @@ def test_error_malformed_pngs_with_valid_crcs(tmp_path, color_type, channels):
         "not zlib": (header, b"not a zlib stream", "cannot decode PNG"),
         # A header claiming 10^5 x 10^5 pixels for a few bytes of data: refused before any
         # decoder allocates ~30 GB for it.
-        "huge header": (_ihdr(100_000, 100_000, 8, color_type), zlib.compress(bytes(row)),
+        "huge header": (ihdr(100_000, 100_000, 8, color_type), zlib.compress(bytes(row)),
                         "more than its"),
     }
-    for name, (ihdr, compressed, message) in cases.items():
+    for name, (header_bytes, compressed, message) in cases.items():
         path = tmp_path / f"{name}.png"
-        path.write_bytes(_png_file(ihdr, compressed))
+        path.write_bytes(png_file(header_bytes, compressed))
         with pytest.raises(PanopticEvalError, match=message):
             read_png_rgb(str(path))
     path = tmp_path / "good.png"
-    path.write_bytes(_png_file(header, zlib.compress(bytes(6 * row))))
+    path.write_bytes(png_file(header, zlib.compress(bytes(6 * row))))
     assert read_png_rgb(str(path)).shape == (6, 5, 3)
 
 

@@ -7,13 +7,12 @@ Prints the All / Things / Stuff table (PQ, SQ, RQ in %, N = categories counted) 
 {"All": {"pq","sq","rq","n"}, "Things": ..., "Stuff": ..., "per_class": {id: {"pq","sq","rq"}}}
 (fractions, not %) to --output. IoU > 0.5 matching, void and crowd handling and per-category
 averaging follow the COCO reference evaluator (panopticapi pq_compute) exactly.
-No TensorFlow is imported by this verb.
+Neither TensorFlow nor numpy is imported by this verb (on COCO-style 8-bit PNGs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 
@@ -68,23 +67,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _import_numpy_without_blas_threads() -> None:
-    """Imports numpy with its OpenBLAS limited to one thread, if numpy is not loaded yet.
-
-    OpenBLAS starts a thread per core, with their buffers, when numpy is first imported; this
-    verb does no linear algebra, and skipping that saves ~30 ms of its start-up. The variable
-    is read only when the library loads, so it is restored right after (nothing else in the
-    process or its subprocesses sees it); an explicit user setting is left alone.
-    """
-    if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
-        return
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    try:
-        import numpy  # noqa: F401
-    finally:
-        del os.environ["OPENBLAS_NUM_THREADS"]
-
-
 # glibc mallopt parameters and their defaults.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD = -1, -3, 128 << 10
 
@@ -134,7 +116,6 @@ def main(argv: list[str]) -> int:
         print(f"{argv[0]}: missing required flag(s): "
               + ", ".join(f"--{n}" for n in missing), file=sys.stderr)
         return 2
-    _import_numpy_without_blas_threads()
     from max_deeplab.atomic_files import write_json_atomic
     from max_deeplab.evaluation.coco_panoptic import (
         PanopticEvalError,

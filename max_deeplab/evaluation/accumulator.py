@@ -110,9 +110,14 @@ class PanopticQualityAccumulator:
             p, p_label, _ = self._segments(p_map, False, "prediction")
             kg, kp = len(g_label) + 1, len(p_label) + 1
             conf = np.bincount(g * kp + p, minlength=kg * kp).reshape(kg, kp)
-            self.stats.add_image(conf, self._label_to_cat[g_label], g_crowd,
-                                 conf[1:].sum(axis=1), self._label_to_cat[p_label],
-                                 conf[:, 1:].sum(axis=0))
+            # Row/column 0 are void; `add_image` takes the non-zero segment overlaps.
+            k, j = np.nonzero(conf[1:, 1:])
+            inter = dict(zip(zip(k.tolist(), j.tolist()), conf[k + 1, j + 1].tolist()))
+            self.stats.add_image(inter, conf[0, 1:].tolist(),
+                                 self._label_to_cat[g_label].tolist(), g_crowd.tolist(),
+                                 conf[1:].sum(axis=1).tolist(),
+                                 self._label_to_cat[p_label].tolist(),
+                                 conf[:, 1:].sum(axis=0).tolist())
 
     def result(self) -> dict:
         """{"All"|"Things"|"Stuff": {"pq","sq","rq","n"}, "per_class": {id: {"pq","sq","rq"}}}."""

@@ -4,48 +4,40 @@ Inputs are the COCO panoptic format: a JSON with `annotations` (one per image: `
 `file_name`, `segments_info` = [{id, category_id, iscrowd, area}]) and `categories`
 ({id, name, isthing}), plus one RGB PNG per image whose pixel id is R + 256 G + 256^2 B
 (0 = void). The numbers equal the COCO reference evaluator's (panopticapi `pq_compute`,
-see `pq_core` for the rules), but the per-image work is vectorised:
+see `pq_core` for the rules), but the per-image work is different:
 
-- each PNG is decoded once into R, G, B bytes: 8-bit RGB / RGBA (COCO's PNGs) by the Rust
-  `png` crate through kornia-rs (~5x faster than Pillow, ~1.6x faster than libspng on
-  COCO-like PNGs: faster inflate and SIMD unfiltering), other depths by libspng (pyspng);
-- the two maps are cut into runs of equal (GT id, prediction id) pairs in raster order with
-  byte-wise XORs (`pair_runs`), ids are assembled only at run starts, mapped to segment
-  indices by binary search over the JSON ids, and the
-  GT x prediction overlap table is one run-length-weighted `np.bincount` of
-  `gt_index * (Kp + 2) + pred_index`;
+- each PNG pair becomes the pixel count of every (GT id, prediction id) pair that occurs
+  (`panoptic_png.pair_overlap_counts`: libdeflate and a small C loop over the PNG rows,
+  ~1 ms per COCO-sized pair, no image array);
+- those few dozen counts are mapped to segment indices through the JSON ids and checked
+  against the JSON (`evaluate_image`), then matched (`pq_core.PQStats.add_image`);
 - images are shared out to forked processes through a queue, each returning per-category
   sums (see `compute_stats`).
 
 Bad input raises `PanopticEvalError` with a message naming the file, image and segment,
 instead of producing a number: PNG segments missing from the JSON or the reverse, unknown
-categories, images missing on either side, PNG size mismatches, missing files.
-No TensorFlow is imported here (the verb is timed as a whole process).
+categories, images missing on either side, PNG size mismatches, missing files, corrupt PNGs.
+Neither TensorFlow nor numpy is imported here (the verb is timed as a whole process).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import traceback
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# The decoders are imported here, before any worker is forked, so the workers do not each
-# pay for it.
-import kornia_rs
-import numpy as np
-import pyspng
-
 from max_deeplab.data.metadata import categories_problem
+from max_deeplab.evaluation.errors import PanopticEvalError
+from max_deeplab.evaluation.panoptic_png import pair_overlap_counts
 from max_deeplab.evaluation.pq_core import PQStats
 
+__all__ = ["PanopticEvalError", "build_jobs", "compute_stats", "evaluate_image", "pq_compute"]
+
 VOID = 0
-
-
-class PanopticEvalError(Exception):
-    """A user-caused input problem (bad JSON/PNG, mismatched sets); the message says where."""
+_ID_BITS = 24  # ids lie in [0, 2^24): three 8-bit channels
 
 
 @dataclass
@@ -55,12 +47,12 @@ class _ImageJob:
     image_id: object
     gt_path: str
     pred_path: str
-    gt_ids: np.ndarray  # int64 [Kg] segment ids from the GT JSON
-    gt_cat: np.ndarray  # int64 [Kg] category index
-    gt_crowd: np.ndarray  # bool [Kg]
-    gt_area: np.ndarray  # float64 [Kg] JSON area (what the reference uses in the union)
-    pred_ids: np.ndarray  # int64 [Kp]
-    pred_cat: np.ndarray  # int64 [Kp]
+    gt_ids: list[int]  # [Kg] segment ids from the GT JSON
+    gt_cat: list[int]  # [Kg] category index
+    gt_crowd: list[bool]  # [Kg]
+    gt_area: list[float]  # [Kg] JSON area (what the reference uses in the union; nan: none)
+    pred_ids: list[int]  # [Kp]
+    pred_cat: list[int]  # [Kp]
 
 
 def _load_json(path: str, what: str) -> dict:
@@ -113,9 +105,8 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
         if need_crowd_area:
             crowd.append(int(s.get("iscrowd", 0)) == 1)
             a = s.get("area")
-            area.append(np.nan if a is None else float(a))
-    return (np.asarray(ids, np.int64), np.asarray(cats, np.int64),
-            np.asarray(crowd, bool), np.asarray(area, np.float64))
+            area.append(math.nan if a is None else float(a))
+    return ids, cats, crowd, area
 
 
 def _file_name(ann: dict, json_path: str, what: str) -> str:
@@ -180,208 +171,62 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
     return jobs, category_ids, is_thing, names
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG colour types (IHDR byte 9) that carry R, G, B samples: truecolour (+ alpha). The
-# others have no RGB id.
-_RGB_COLOR_TYPES = (2, 6)
-_OTHER_COLOR_TYPES = {0: "grayscale", 3: "palette", 4: "grayscale + alpha"}
-
-
-def _check_png_chunks(data: bytes, path: str) -> int:
-    """Checks the chunk structure and the CRC-32 of every chunk (up to IEND); returns the
-    number of compressed image (IDAT) bytes.
-
-    Neither decoder checks CRCs (pyspng runs libspng with CRC checks off), so this is where a
-    corrupted file is caught (as Pillow, the reference's reader, would); the chunks hold
-    compressed data, so this costs microseconds.
-    """
-    view = memoryview(data)
-    pos, n = 8, len(data)
-    idat_bytes = 0
-    while pos < n:
-        length = int.from_bytes(view[pos:pos + 4], "big")
-        end = pos + 8 + length
-        if end + 4 > n:
-            raise PanopticEvalError(f"cannot decode PNG {path}: truncated at byte {pos}")
-        ctype = bytes(view[pos + 4:pos + 8])
-        if zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
-            raise PanopticEvalError(f"cannot decode PNG {path}: CRC mismatch in chunk "
-                                    f"{ctype.decode('latin-1')!r} at byte {pos}")
-        if ctype == b"IDAT":
-            idat_bytes += length
-        elif ctype == b"IEND":
-            break
-        pos = end + 4
-    return idat_bytes
-
-
-# Deflate encodes at most 258 bytes per (>= 2-bit) match code: no stream expands by more.
-_MAX_DEFLATE_RATIO = 1032
-
-
-def read_png_rgb(path: str) -> np.ndarray:
-    """Decodes a COCO panoptic PNG to uint8 [H, W, 3] R, G, B (id = R + 256 G + 256^2 B).
-
-    PNGs with an alpha channel are read from their first three channels, as the reference
-    evaluator does; 16-bit PNGs by the high byte of each sample, as Pillow (the reference's
-    reader) does. Single-channel and palette PNGs are rejected (the reference cannot read
-    them either).
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise PanopticEvalError(f"PNG not found: {path}") from None
-    except OSError as e:
-        raise PanopticEvalError(f"cannot read PNG {path}: {e}") from None
-    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
-        raise PanopticEvalError(f"cannot decode PNG {path}: not a PNG file")
-    bit_depth, color_type = data[24], data[25]
-    if color_type not in _RGB_COLOR_TYPES:
-        kind = _OTHER_COLOR_TYPES.get(color_type, f"unknown colour type {color_type}")
-        raise PanopticEvalError(f"PNG {path} is {kind}; expected an RGB panoptic PNG [H, W, 3] "
-                                "with id = R + 256 G + 256^2 B")
-    idat_bytes = _check_png_chunks(data, path)
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    row_bytes = 1 + -(-width * (3 if color_type == 2 else 4) * bit_depth // 8)
-    if height * row_bytes > _MAX_DEFLATE_RATIO * (idat_bytes + 64):
-        # Caught here rather than by the decoder: kornia-rs allocates the whole image from the
-        # header first, and a failing allocation is a Rust panic, not a Python error.
-        raise PanopticEvalError(f"cannot decode PNG {path}: its header says {width}x{height} "
-                                f"pixels, more than its {idat_bytes} bytes of image data can "
-                                "hold")
-    try:
-        if bit_depth == 8:
-            size = (height, width)
-            if color_type == 2:
-                return kornia_rs.io.decode_image_png_u8(data, size, "rgb")
-            return kornia_rs.io.decode_image_png_u8(data, size, "rgba")[..., :3]
-        return pyspng.load(data, "RGB")
-    except Exception as e:  # pyspng raises RuntimeError, kornia-rs a plain Exception
-        raise PanopticEvalError(f"cannot decode PNG {path}: {e}") from None
-
-
-def _pixel_ids(rgb: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """uint32 ids R + 256 G + 256^2 B of the pixels at flat `index` of flat RGB bytes."""
-    byte = 3 * index
-    ids = rgb[byte + 2].astype(np.uint32)
-    ids <<= 8
-    ids |= rgb[byte + 1]
-    ids <<= 8
-    ids |= rgb[byte]
-    return ids
-
-
-# Pixels per block of `pair_runs`: the block's byte temporaries (~100 KB each) stay in the
-# L2 cache instead of streaming ~1 MB arrays through memory (~20% faster at 480x640).
-_RUN_BLOCK_PIXELS = 1 << 15
-
-
-def pair_runs(gt_rgb: np.ndarray, pred_rgb: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cuts two equally sized RGB maps into runs of equal (GT id, prediction id) in raster order.
-
-    Returns (start, length, GT id, prediction id) per run. Panoptic maps are piecewise
-    constant, so runs are ~50x fewer than pixels and the later per-run work is small. The
-    pixel work stays on bytes, block by block: each map XOR-ed with itself shifted by one
-    pixel and the two OR-ed (a non-zero byte: that byte of the pixel differs from the
-    previous pixel's in either map; uint8 XOR/OR beat not-equal into booleans), then "any of
-    a pixel's 3 bytes set" as one compare of a strided uint32 view (the word whose top 3
-    bytes are the pixel's is >= 256 iff one of them is non-zero). Ids are assembled only at
-    run starts.
-    """
-    gt, pred = gt_rgb.reshape(-1), pred_rgb.reshape(-1)
-    n = gt.size // 3
-    change = np.empty(n, bool)
-    change[:1] = True
-    block = min(n, _RUN_BLOCK_PIXELS)
-    # diff[0] is a zero pad so that word k (bytes 3k .. 3k + 3) has pixel k's bytes on top.
-    diff = np.zeros(3 * block + 1, np.uint8)
-    scratch = np.empty(3 * block, np.uint8)
-    for first in range(1, n, block):
-        last = min(n, first + block)
-        lo, hi, size = 3 * first, 3 * last, 3 * (last - first)
-        d = diff[1:1 + size]
-        np.bitwise_xor(gt[lo:hi], gt[lo - 3:hi - 3], out=d)
-        d |= np.bitwise_xor(pred[lo:hi], pred[lo - 3:hi - 3], out=scratch[:size])
-        words = np.ndarray((last - first,), "<u4", diff, 0, (3,))
-        np.greater_equal(words, 256, out=change[first:last])
-    starts = np.flatnonzero(change)
-    lengths = np.empty_like(starts)
-    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
-    lengths[-1:] = n - starts[-1:]
-    return starts, lengths, _pixel_ids(gt, starts), _pixel_ids(pred, starts)
-
-
-def _segment_index(ids: np.ndarray, seg_ids: np.ndarray, scale: int = 1) -> np.ndarray:
-    """Per id: (index * scale) with index 0 = id not in `seg_ids` (an error), 1 = void (id 0),
-    2 + k = seg_ids[k]. Scaling lets GT and prediction indices add up to the combined label."""
-    # Sorted table [void, segment ids..., sentinel] (segment ids lie in [1, 2^24), so the
-    # uint32 sentinel is above every id and every search position is a valid slot), and the
-    # scaled index each slot stands for (0 for the sentinel: "not in the JSON").
-    k = len(seg_ids)
-    order = np.argsort(seg_ids)
-    table = np.empty(k + 2, np.uint32)
-    table[0], table[-1] = VOID, 0xFFFFFFFF
-    table[1:-1] = seg_ids[order]
-    value = np.empty(k + 2, np.int64)
-    value[0], value[-1] = scale, 0
-    value[1:-1] = (order + 2) * scale
-    pos = table.searchsorted(ids)
-    found = table[pos] == ids
-    if not found.all():
-        pos[~found] = k + 1
-    return value[pos]
-
-
 def _rgb(sid: int) -> str:
     return f"RGB ({sid % 256}, {sid // 256 % 256}, {sid // 65536})"
 
 
 def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
-    """Decodes one GT/prediction PNG pair, checks it against the JSON, adds it to `stats`."""
-    gt_rgb = read_png_rgb(job.gt_path)
-    pred_rgb = read_png_rgb(job.pred_path)
-    if gt_rgb.shape != pred_rgb.shape:
-        raise PanopticEvalError(
-            f"image_id {job.image_id!r}: prediction PNG {job.pred_path} is "
-            f"{pred_rgb.shape[1]}x{pred_rgb.shape[0]} (WxH) but ground-truth PNG "
-            f"{job.gt_path} is {gt_rgb.shape[1]}x{gt_rgb.shape[0]}")
-    # The overlap table is accumulated over runs of equal (GT, prediction) pixel pairs, so the
-    # id lookups and the histogram touch only the run starts, weighted by run length.
-    _, lengths, gt_run, pred_run = pair_runs(gt_rgb, pred_rgb)
-    kg, kp = len(job.gt_ids) + 2, len(job.pred_ids) + 2
-    g = _segment_index(gt_run, job.gt_ids, scale=kp)
-    p = _segment_index(pred_run, job.pred_ids)
-    # Combined label gt_index * kp + pred_index; float weights are exact (integers < 2^53).
-    conf = np.bincount(g + p, weights=lengths, minlength=kg * kp).astype(np.int64)
-    conf = conf.reshape(kg, kp)
-    # Row/column 0 hold pixels whose id is not in the JSON: user error, name the segment.
-    if conf[0].any():
-        bad = np.unique(gt_run[g < kp])
+    """Reads one GT/prediction PNG pair, checks it against the JSON, adds it to `stats`."""
+    counts = pair_overlap_counts(job.gt_path, job.pred_path, job.image_id)
+    gt_index = {sid: k for k, sid in enumerate(job.gt_ids)}
+    pred_index = {sid: j for j, sid in enumerate(job.pred_ids)}
+    id_mask = (1 << _ID_BITS) - 1
+    inter: dict[tuple[int, int], int] = {}
+    void_pred = [0] * len(job.pred_ids)
+    pred_area = [0] * len(job.pred_ids)
+    gt_pixels = [0] * len(job.gt_ids)
+    unknown_gt: set[int] = set()
+    unknown_pred: set[int] = set()
+    for key, pixels in counts.items():
+        gid, pid = key >> _ID_BITS, key & id_mask
+        k = gt_index.get(gid, -1) if gid != VOID else None
+        j = pred_index.get(pid, -1) if pid != VOID else None
+        if k == -1:
+            unknown_gt.add(gid)
+        if j == -1:
+            unknown_pred.add(pid)
+        if k is not None and k >= 0:
+            gt_pixels[k] += pixels
+        if j is None or j < 0:
+            continue
+        pred_area[j] += pixels
+        if k is None:
+            void_pred[j] += pixels
+        elif k >= 0:
+            inter[k, j] = pixels
+    # Ids in a PNG but not in its JSON: user error, name the (smallest) segment.
+    if unknown_gt:
+        bad = min(unknown_gt)
         raise PanopticEvalError(
             f"image_id {job.image_id!r}: ground-truth PNG {job.gt_path} contains segment id "
-            f"{int(bad[0])} ({_rgb(int(bad[0]))}) that is not in the ground-truth JSON "
-            f"segments_info ({len(bad)} such id(s))")
-    if conf[:, 0].any():
-        bad = np.unique(pred_run[p == 0])
+            f"{bad} ({_rgb(bad)}) that is not in the ground-truth JSON segments_info "
+            f"({len(unknown_gt)} such id(s))")
+    if unknown_pred:
+        bad = min(unknown_pred)
         raise PanopticEvalError(
             f"image_id {job.image_id!r}: prediction PNG {job.pred_path} contains segment id "
-            f"{int(bad[0])} ({_rgb(int(bad[0]))}) that is not in the prediction JSON "
-            f"segments_info ({len(bad)} such id(s))")
-    conf = conf[1:, 1:]  # now row/col 0 = void, k >= 1 = segment k - 1
-    pred_area = conf[:, 1:].sum(axis=0)
-    missing = np.flatnonzero(pred_area == 0)
-    if missing.size:
+            f"{bad} ({_rgb(bad)}) that is not in the prediction JSON segments_info "
+            f"({len(unknown_pred)} such id(s))")
+    missing = [j for j, area in enumerate(pred_area) if area == 0]
+    if missing:
         raise PanopticEvalError(
-            f"image_id {job.image_id!r}: prediction JSON segment id {int(job.pred_ids[missing[0]])}"
-            f" has no pixels in the prediction PNG {job.pred_path} ({missing.size} such "
+            f"image_id {job.image_id!r}: prediction JSON segment id {job.pred_ids[missing[0]]}"
+            f" has no pixels in the prediction PNG {job.pred_path} ({len(missing)} such "
             "segment(s))")
-    gt_area = job.gt_area
-    if np.isnan(gt_area).any():
-        # No 'area' in the JSON: use the pixel count (the reference would fail here).
-        gt_area = np.where(np.isnan(gt_area), conf[1:, :].sum(axis=1), gt_area)
-    stats.add_image(conf, job.gt_cat, job.gt_crowd, gt_area, job.pred_cat, pred_area)
+    # No 'area' in the JSON: use the pixel count (the reference would fail here).
+    gt_area = [n if math.isnan(a) else a for a, n in zip(job.gt_area, gt_pixels)]
+    stats.add_image(inter, void_pred, job.gt_cat, job.gt_crowd, gt_area, job.pred_cat,
+                    pred_area)
 
 
 def default_num_workers() -> int:

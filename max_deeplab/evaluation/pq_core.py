@@ -16,16 +16,14 @@ per-image rules follow the COCO reference evaluator (panopticapi `pq_compute`) e
   void plus the crowd region of its own category (the *last* crowd segment of that category
   in the annotation order, as in the reference, which keeps one crowd segment per category).
 
-Everything here is numpy on small per-image tables: the pixel work is one `np.bincount` over
-a combined (gt index, pred index) label that the callers build, so no Python loop ever runs
-over pixels or over segment pairs.
+Per image the input is the sparse overlap of GT and predicted segments (the non-zero
+entries of the GT x prediction pixel table, a few dozen per image), so this is plain Python:
+no numpy, which the `pq` verb's processes then never import (see `coco_panoptic`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 # IoU threshold of a match; > 0.5 makes matches unique because segments do not overlap.
 MATCH_IOU = 0.5
@@ -43,90 +41,79 @@ class PQStats:
 
     category_ids: list[int]
     is_thing: list[bool]
-    tp: np.ndarray = field(init=False)
-    fp: np.ndarray = field(init=False)
-    fn: np.ndarray = field(init=False)
-    iou_sum: np.ndarray = field(init=False)
+    tp: list[int] = field(init=False)
+    fp: list[int] = field(init=False)
+    fn: list[int] = field(init=False)
+    iou_sum: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.category_ids) != len(self.is_thing):
             raise ValueError(f"{len(self.category_ids)} category ids but {len(self.is_thing)} "
                              "is_thing flags")
-        n = len(self.category_ids)
-        self.tp = np.zeros(n, np.int64)
-        self.fp = np.zeros(n, np.int64)
-        self.fn = np.zeros(n, np.int64)
-        self.iou_sum = np.zeros(n, np.float64)
+        self.reset()
 
     def merge(self, other: PQStats) -> PQStats:
         """Adds another set of stats over the same categories (in place; returns self)."""
         if list(other.category_ids) != list(self.category_ids):
             raise ValueError("cannot merge PQ stats over different category lists")
-        self.tp += other.tp
-        self.fp += other.fp
-        self.fn += other.fn
-        self.iou_sum += other.iou_sum
+        for mine, theirs in ((self.tp, other.tp), (self.fp, other.fp), (self.fn, other.fn),
+                             (self.iou_sum, other.iou_sum)):
+            for i, value in enumerate(theirs):
+                mine[i] += value
         return self
 
     def reset(self) -> None:
-        for a in (self.tp, self.fp, self.fn, self.iou_sum):
-            a[...] = 0
+        n = len(self.category_ids)
+        self.tp, self.fp, self.fn, self.iou_sum = [0] * n, [0] * n, [0] * n, [0.0] * n
 
-    def add_image(self, conf: np.ndarray, gt_cat: np.ndarray, gt_crowd: np.ndarray,
-                  gt_area: np.ndarray, pred_cat: np.ndarray, pred_area: np.ndarray) -> None:
-        """Accumulates one image from its GT x prediction overlap table.
+    def add_image(self, inter: Mapping[tuple[int, int], int], void_pred: Sequence[int],
+                  gt_cat: Sequence[int], gt_crowd: Sequence[bool], gt_area: Sequence[float],
+                  pred_cat: Sequence[int], pred_area: Sequence[int]) -> None:
+        """Accumulates one image from its GT x prediction overlaps.
 
         Args:
-          conf: int [Kg + 1, Kp + 1] pixel counts; row 0 is GT void, column 0 is "no
-            predicted segment" (prediction void); row k >= 1 is GT segment k - 1, column
-            j >= 1 predicted segment j - 1.
-          gt_cat: int [Kg] category index (into `category_ids`) of each GT segment.
-          gt_crowd: bool [Kg] crowd flag of each GT segment.
+          inter: {(k, j): pixels} for every GT segment k and predicted segment j that
+            overlap (pixels > 0); pairs absent from it do not overlap.
+          void_pred: [Kp] pixels of each predicted segment on GT void.
+          gt_cat: [Kg] category index (into `category_ids`) of each GT segment.
+          gt_crowd: [Kg] crowd flag of each GT segment.
           gt_area: [Kg] area of each GT segment used in the IoU union (the reference
             evaluator takes it from the annotation JSON, not from the PNG).
-          pred_cat: int [Kp] category index of each predicted segment.
+          pred_cat: [Kp] category index of each predicted segment.
           pred_area: [Kp] pixel area of each predicted segment.
         """
-        num_gt, num_pred = len(gt_cat), len(pred_cat)
-        inter = conf[1:, 1:]
-        void_pred = conf[0, 1:]
-        gt_crowd = np.asarray(gt_crowd, bool)
-        gt_matched = np.zeros(num_gt, bool)
-        pred_matched = np.zeros(num_pred, bool)
-        if num_gt and num_pred:
-            # Candidate pairs: same category, non-crowd GT, non-empty overlap.
-            cand = (inter > 0) & (gt_cat[:, None] == pred_cat[None, :]) & ~gt_crowd[:, None]
-            gi, pj = np.nonzero(cand)
-            if gi.size:
-                i = inter[gi, pj].astype(np.float64)
-                # Same arithmetic as the reference: integer-valued union, one true division,
-                # so the > 0.5 decisions are bit-identical.
-                union = (pred_area[pj].astype(np.float64) + gt_area[gi].astype(np.float64)
-                         - i - void_pred[pj].astype(np.float64))
-                iou = i / union
-                hit = iou > MATCH_IOU
-                gi, pj, iou = gi[hit], pj[hit], iou[hit]
-                n_cat = len(self.category_ids)
-                self.tp += np.bincount(gt_cat[gi], minlength=n_cat)
-                self.iou_sum += np.bincount(gt_cat[gi], weights=iou, minlength=n_cat)
-                gt_matched[gi] = True
-                pred_matched[pj] = True
+        gt_matched = [False] * len(gt_cat)
+        pred_matched = [False] * len(pred_cat)
+        for (k, j), pixels in inter.items():
+            if gt_crowd[k] or gt_cat[k] != pred_cat[j]:
+                continue
+            # Same arithmetic as the reference (float64, integer-valued union, one true
+            # division), so the > 0.5 decisions are bit-identical.
+            union = float(pred_area[j]) + float(gt_area[k]) - pixels - void_pred[j]
+            iou = pixels / union
+            if iou > MATCH_IOU:
+                c = gt_cat[k]
+                self.tp[c] += 1
+                self.iou_sum[c] += iou
+                gt_matched[k] = pred_matched[j] = True
         # False negatives: unmatched, non-crowd GT segments.
-        missed = gt_cat[~gt_matched & ~gt_crowd]
-        if missed.size:
-            self.fn += np.bincount(missed, minlength=len(self.category_ids))
-        # One crowd segment per category: the last one in annotation order (reference rule).
         crowd_of_cat: dict[int, int] = {}
-        for k in np.flatnonzero(gt_crowd):
-            crowd_of_cat[int(gt_cat[k])] = int(k)
-        for j in np.flatnonzero(~pred_matched):
-            ignored = int(void_pred[j])
-            k = crowd_of_cat.get(int(pred_cat[j]))
+        for k, c in enumerate(gt_cat):
+            if gt_crowd[k]:
+                # One crowd segment per category: the last in annotation order (reference).
+                crowd_of_cat[c] = k
+            elif not gt_matched[k]:
+                self.fn[c] += 1
+        for j, c in enumerate(pred_cat):
+            if pred_matched[j]:
+                continue
+            ignored = void_pred[j]
+            k = crowd_of_cat.get(c)
             if k is not None:
-                ignored += int(inter[k, j])
+                ignored += inter.get((k, j), 0)
             if ignored / pred_area[j] > IGNORE_FRACTION:
                 continue
-            self.fp[pred_cat[j]] += 1
+            self.fp[c] += 1
 
     def summarize(self) -> dict:
         """The COCO-style result: All / Things / Stuff (pq, sq, rq, n) and per_class.
@@ -134,31 +121,25 @@ class PQStats:
         Averages run over the categories with TP + FP + FN > 0 (`n`); a group with no such
         category reports zeros (the reference evaluator divides by zero there).
         """
-        tp = self.tp.astype(np.float64)
-        denom = tp + 0.5 * self.fp + 0.5 * self.fn
-        present = (self.tp + self.fp + self.fn) > 0
         per_class: dict[int, dict[str, float]] = {}
-        pq_c = np.zeros(len(tp))
-        sq_c = np.zeros(len(tp))
-        rq_c = np.zeros(len(tp))
+        present: list[tuple[bool, float, float, float]] = []  # (is_thing, pq, sq, rq)
         for i, cid in enumerate(self.category_ids):
-            if present[i]:
-                pq_c[i] = self.iou_sum[i] / denom[i]
-                sq_c[i] = self.iou_sum[i] / tp[i] if tp[i] else 0.0
-                rq_c[i] = tp[i] / denom[i]
-            per_class[int(cid)] = {"pq": float(pq_c[i]), "sq": float(sq_c[i]),
-                                   "rq": float(rq_c[i])}
-        thing = np.asarray(self.is_thing, bool)
+            tp, fp, fn, iou_sum = self.tp[i], self.fp[i], self.fn[i], self.iou_sum[i]
+            pq = sq = rq = 0.0
+            if tp + fp + fn > 0:
+                denom = tp + 0.5 * fp + 0.5 * fn
+                pq, rq = iou_sum / denom, tp / denom
+                sq = iou_sum / tp if tp else 0.0
+                present.append((bool(self.is_thing[i]), pq, sq, rq))
+            per_class[int(cid)] = {"pq": float(pq), "sq": float(sq), "rq": float(rq)}
         result: dict = {}
-        for name, sel in (("All", np.ones_like(thing)), ("Things", thing), ("Stuff", ~thing)):
-            m = present & sel
-            n = int(m.sum())
-            result[name] = {
-                "pq": float(pq_c[m].sum() / n) if n else 0.0,
-                "sq": float(sq_c[m].sum() / n) if n else 0.0,
-                "rq": float(rq_c[m].sum() / n) if n else 0.0,
-                "n": n,
-            }
+        for name, keep in (("All", lambda t: True), ("Things", lambda t: t),
+                           ("Stuff", lambda t: not t)):
+            rows = [r for r in present if keep(r[0])]
+            n = len(rows)
+            result[name] = {key: float(sum(r[col] for r in rows) / n) if n else 0.0
+                            for col, key in ((1, "pq"), (2, "sq"), (3, "rq"))}
+            result[name]["n"] = n
         result["per_class"] = per_class
         return result
 

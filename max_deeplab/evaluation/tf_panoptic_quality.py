@@ -119,15 +119,15 @@ class InGraphPanopticQuality(tfk.metrics.Metric):
                                      tf.reduce_sum(present))
 
     def stats(self) -> PQStats:
-        """The accumulated counts as numpy `PQStats` (eager), mergeable across hosts."""
+        """The accumulated counts as `PQStats` (eager), mergeable across hosts."""
         labels = [k for k in range(self.num_labels) if k != self.ignore_label]
         stats = PQStats([self.category_ids[k] for k in labels],
                         [self.is_thing[k] for k in labels])
         idx = np.asarray(labels, np.int64) + 1
-        stats.tp[:] = np.rint(self._pq.tp_count.numpy()[idx]).astype(np.int64)
-        stats.fp[:] = np.rint(self._pq.fp_count.numpy()[idx]).astype(np.int64)
-        stats.fn[:] = np.rint(self._pq.fn_count.numpy()[idx]).astype(np.int64)
-        stats.iou_sum[:] = self._pq.tp_iou_sum.numpy()[idx].astype(np.float64)
+        stats.tp = np.rint(self._pq.tp_count.numpy()[idx]).astype(np.int64).tolist()
+        stats.fp = np.rint(self._pq.fp_count.numpy()[idx]).astype(np.int64).tolist()
+        stats.fn = np.rint(self._pq.fn_count.numpy()[idx]).astype(np.int64).tolist()
+        stats.iou_sum = self._pq.tp_iou_sum.numpy()[idx].astype(np.float64).tolist()
         return stats
 
     def summarize(self) -> dict:
