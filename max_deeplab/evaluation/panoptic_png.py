@@ -20,7 +20,6 @@ unknown row filter, or two PNGs of one image that differ in size.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import deflate
 
@@ -42,18 +41,25 @@ _MAX_DEFLATE_RATIO = 1032
 _MAX_FILTER_TYPE = 4
 
 
-@dataclass(frozen=True)
 class PanopticPng:
-    """A read and checked RGB(A) PNG file: its header fields and its compressed image data."""
+    """A read and checked RGB(A) PNG file: its header fields and its compressed image data.
 
-    path: str
-    data: bytes  # the whole file
-    width: int
-    height: int
-    bit_depth: int
-    channels: int  # 3 (RGB) or 4 (RGBA)
-    interlaced: bool
-    image_data: bytes  # the IDAT chunks' payload, joined: one zlib stream
+    (A plain class: importing `dataclasses` costs ~8 ms of the `pq` verb's timed start-up.)
+    """
+
+    __slots__ = ("path", "data", "width", "height", "bit_depth", "channels", "interlaced",
+                 "image_data")
+
+    def __init__(self, path: str, data: bytes, width: int, height: int, bit_depth: int,
+                 channels: int, interlaced: bool, image_data: bytes) -> None:
+        self.path = path
+        self.data = data  # the whole file
+        self.width = width
+        self.height = height
+        self.bit_depth = bit_depth
+        self.channels = channels  # 3 (RGB) or 4 (RGBA)
+        self.interlaced = interlaced
+        self.image_data = image_data  # the IDAT chunks' payload, joined: one zlib stream
 
     @property
     def scanline_bytes(self) -> int:
