@@ -30,7 +30,7 @@ setup(
         "pillow",
         "pyspng>=0.1.4",
         "kornia-rs>=0.2,<0.3",
-        "deflate>=0.7",  # libdeflate: inflates the `pq` verb's PNGs
+        "deflate>=0.9",  # libdeflate: inflates the `pq` verb's PNGs
         "pycocotools",
     ],
     extras_require={

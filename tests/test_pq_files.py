@@ -238,6 +238,34 @@ def test_error_ground_truth_png_segment_not_in_json(crafted, capsys):
     assert code == 1 and "ground-truth PNG" in err and "000001.png" in err
 
 
+def _set_first_segment(side: str, **fields):
+    def edit(d):
+        d["annotations"][1]["segments_info"][0].update(fields)
+    return side, edit
+
+
+@pytest.mark.parametrize("side,edit,message", [
+    (*_set_first_segment("gt_json", id=0), "lists segment id 0, which is reserved for void"),
+    (*_set_first_segment("pred_json", id=1 << 24), "id 16777216 is outside the RGB id range"),
+    (*_set_first_segment("pred_json", id="seven"), "without integer 'id'/'category_id'"),
+    (*_set_first_segment("gt_json", iscrowd="no"), "non-numeric 'iscrowd' or 'area'"),
+    (*_set_first_segment("gt_json", area=[1]), "non-numeric 'iscrowd' or 'area'"),
+    ("pred_json", lambda d: d["annotations"][1]["segments_info"].append(
+        dict(d["annotations"][1]["segments_info"][0])), "lists segment id .* twice"),
+    ("gt_json", lambda d: d["annotations"][1].pop("segments_info"),
+     "has no 'segments_info' list"),
+])
+def test_error_bad_segments_info_names_the_image_and_segment(crafted, capsys, side, edit,
+                                                            message):
+    import re
+
+    _edit_json(crafted[side], edit)
+    code, err = _run_cli(crafted, capsys)
+    which = "ground-truth" if side == "gt_json" else "prediction"
+    assert code == 1 and f"{which} JSON" in err and "image_id 1" in err, err
+    assert re.search(message, err), err
+
+
 def test_error_unknown_category(crafted, capsys):
     def bad(d):
         d["annotations"][1]["segments_info"][0]["category_id"] = 999

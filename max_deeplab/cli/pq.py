@@ -75,15 +75,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD = -1, -3, 128 << 
 def _freed_memory_kept():
     """While active, glibc keeps freed memory for reuse instead of handing it to the kernel.
 
-    Every image pair allocates and frees a few MB (decoded maps, numpy temporaries). With
-    glibc's defaults blocks that large are mmap-ed or trimmed on free, so each image touches
-    fresh pages again: ~90k page faults for 120 COCO-sized pairs, a quarter of the run time.
-    Serving blocks < 32 MiB from the heap and keeping up to 256 MiB of it free cuts that to
-    ~7k. The settings are process-wide, so on exit both thresholds go back to glibc's default
-    values (for callers of `main` in a longer-lived process). glibc has no call to re-enable
-    its dynamic mmap threshold (which raises the threshold as large blocks are freed), so such
-    a caller keeps the fixed 128 KiB threshold: larger blocks are mmap-ed, which costs speed,
-    not memory. A no-op off glibc.
+    Every image pair allocates and frees ~2 MB (the inflated rows of its two PNGs; more on
+    the numpy path). With glibc's defaults blocks that large are mmap-ed or trimmed on free,
+    so each image touches fresh pages again: ~54k page faults for 120 COCO-sized pairs, which
+    made a one-worker run 0.37-0.44 s instead of 0.22-0.25 s. Serving blocks < 32 MiB from
+    the heap and keeping up to 256 MiB of it free cuts that to ~2.8k. The settings are
+    process-wide, so on exit both thresholds go back to glibc's default values (for callers
+    of `main` in a longer-lived process). glibc has no call to re-enable its dynamic mmap
+    threshold (which raises the threshold as large blocks are freed), so such a caller keeps
+    the fixed 128 KiB threshold: larger blocks are mmap-ed, which costs speed, not memory.
+    A no-op off glibc.
     """
     mallopt = None
     if sys.platform.startswith("linux"):

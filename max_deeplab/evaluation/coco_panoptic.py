@@ -77,7 +77,30 @@ def _load_json(path: str, what: str) -> dict:
 
 def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
               need_crowd_area: bool):
-    """Validates one annotation's segments_info; returns id/category/crowd/area arrays."""
+    """Validates one annotation's segments_info; returns id/category/crowd/area lists.
+
+    Checked in bulk (list comprehensions, ~3x faster than the loop: the JSON is read in the
+    timed `pq` process before any worker starts); when anything is wrong, the segment-by-
+    segment loop of `_checked_segments` finds it and names it."""
+    segs = ann.get("segments_info")
+    if isinstance(segs, list):
+        try:
+            ids = [int(s["id"]) for s in segs]
+            cats = [cat_index[int(s["category_id"])] for s in segs]
+            crowd = [int(s.get("iscrowd", 0)) == 1 for s in segs] if need_crowd_area else []
+            area = ([math.nan if s.get("area") is None else float(s["area"]) for s in segs]
+                    if need_crowd_area else [])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass
+        else:
+            if len(set(ids)) == len(ids) and (not ids or 0 < min(ids) <= max(ids) < 1 << _ID_BITS):
+                return ids, cats, crowd, area
+    return _checked_segments(ann, json_path, cat_index, what, need_crowd_area)
+
+
+def _checked_segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
+                      need_crowd_area: bool):
+    """`_segments`, one segment at a time: raises on the first bad one, naming it."""
     image_id = ann.get("image_id")
     segs = ann.get("segments_info")
     if not isinstance(segs, list):
@@ -109,9 +132,14 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
         ids.append(sid)
         cats.append(cat_index[cid])
         if need_crowd_area:
-            crowd.append(int(s.get("iscrowd", 0)) == 1)
-            a = s.get("area")
-            area.append(math.nan if a is None else float(a))
+            try:
+                crowd.append(int(s.get("iscrowd", 0)) == 1)
+                a = s.get("area")
+                area.append(math.nan if a is None else float(a))
+            except (TypeError, ValueError):
+                raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
+                                        f"segment id {sid} has a non-numeric 'iscrowd' or "
+                                        f"'area': {s!r}") from None
     return ids, cats, crowd, area
 
 
@@ -193,7 +221,9 @@ def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     gt_pixels = [0] * len(job.gt_ids)
     unknown_gt: set[int] = set()
     unknown_pred: set[int] = set()
-    for key, pixels in counts.items():
+    # In key order, i.e. by (GT id, prediction id) as the reference evaluator walks them: the
+    # IoU sums then add up in one order whichever path produced `counts`.
+    for key, pixels in sorted(counts.items()):
         gid, pid = key >> _ID_BITS, key & id_mask
         k = gt_index.get(gid, -1) if gid != VOID else None
         j = pred_index.get(pid, -1) if pid != VOID else None
