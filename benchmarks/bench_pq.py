@@ -161,7 +161,11 @@ def main() -> int:
             ref = json.load(f)
         worst = _compare(ours, ref)
 
+    from max_deeplab.evaluation.panoptic_png import fast_path_available
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print("ours: " + ("C extension path (libdeflate + C row loop)" if fast_path_available() else
+                      "numpy path (the C extension is not compiled: see README)"))
     print(f"cores available: {cores}; load average {os.getloadavg()[0]:.1f} (wall times are "
           f"only meaningful near 0); {args.rounds} rounds, medians")
     print(f"{'':42s} {'wall':>7s} {'cpu':>7s}")
