@@ -102,6 +102,19 @@ def test_overlap_counts_are_permutation_consistent():
     assert backward == {(k & mask) << 24 | k >> 24: n for k, n in forward.items()}
 
 
+def test_many_distinct_ids_grow_the_count_table():
+    """128 x 128 pixels, each its own GT id (multiples of 1024: keys that differ only in
+    high bits), two prediction ids: 32k keys, far past the table's initial 1024 slots."""
+    h = w = 128
+    gt_ids = (np.arange(1, h * w + 1) * 1024).reshape(h, w)
+    pred_ids = (np.arange(h * w) % 2 + 1).reshape(h, w)
+    maps = [np.stack([m % 256, m // 256 % 256, m // 65536], -1).astype(np.uint8)
+            for m in (gt_ids, pred_ids)]
+    scanlines = [filtered_scanlines(m, [1] * h) for m in maps]
+    got = _png_overlap.overlap_counts(*scanlines, w, h, 3, 3)
+    assert len(got) == h * w and got == _counts(*maps)
+
+
 def test_c_functions_reject_bad_arguments():
     good = filtered_scanlines(np.zeros((2, 3, 3), np.uint8), [0, 0])
     with pytest.raises(ValueError, match="bytes of scanlines, expected 20"):
@@ -110,6 +123,8 @@ def test_c_functions_reject_bad_arguments():
         _png_overlap.unfilter(good, 3, 2, 2)
     with pytest.raises(ValueError, match="width and height must be >= 1"):
         _png_overlap.unfilter(b"", 0, 2, 3)
+    with pytest.raises(ValueError, match="too large"):  # 2^32 rows of 2^32 bytes
+        _png_overlap.unfilter(b"", (1 << 32) // 3, 1 << 32, 3)
     bad_filter = b"\x05" + good[1:]
     with pytest.raises(ValueError, match="scanline 0 has unknown filter type 5"):
         _png_overlap.overlap_counts(good, bad_filter, 3, 2, 3, 3)
@@ -185,6 +200,10 @@ def test_fast_path_errors_name_the_file(tmp_path, color_type, channels):
                      "more than its"),
         "method.png": (header[:10] + b"\x01" + header[11:], zlib.compress(bytes(6 * row)),
                        "unknown compression, filter or interlace method"),
+        "no_rows.png": (ihdr(5, 0, 8, color_type), zlib.compress(b""), "header says 5x0"),
+        "no_columns.png": (ihdr(0, 6, 8, color_type), zlib.compress(bytes(6)),
+                           "header says 0x6"),
+        "short_ihdr.png": (header[:12], zlib.compress(bytes(6 * row)), "not a PNG file"),
     }
     for name, (ihdr_body, compressed, message) in cases.items():
         bad = _bad_png(tmp_path, name, ihdr_body, compressed)

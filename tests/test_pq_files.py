@@ -250,6 +250,10 @@ def _set_first_segment(side: str, **fields):
     (*_set_first_segment("pred_json", id="seven"), "without integer 'id'/'category_id'"),
     (*_set_first_segment("gt_json", iscrowd="no"), "non-numeric 'iscrowd' or 'area'"),
     (*_set_first_segment("gt_json", area=[1]), "non-numeric 'iscrowd' or 'area'"),
+    (*_set_first_segment("gt_json", area=0), "has area 0; expected a positive number"),
+    (*_set_first_segment("gt_json", area=float("inf")), "has area inf; expected a positive"),
+    (*_set_first_segment("gt_json", iscrowd=float("inf")), "non-numeric 'iscrowd' or 'area'"),
+    (*_set_first_segment("pred_json", id=float("inf")), "without integer 'id'/'category_id'"),
     ("pred_json", lambda d: d["annotations"][1]["segments_info"].append(
         dict(d["annotations"][1]["segments_info"][0])), "lists segment id .* twice"),
     ("gt_json", lambda d: d["annotations"][1].pop("segments_info"),

@@ -92,20 +92,24 @@ static int unfilter_row(uint8_t *cur, const uint8_t *prev, const uint8_t *src, P
 typedef struct {
     uint64_t *keys;
     uint64_t *counts;
-    size_t mask; /* capacity - 1, capacity a power of two */
+    size_t mask; /* capacity - 1, capacity = 2^bits */
+    int bits;
     size_t used;
 } CountTable;
 
-static int table_init(CountTable *t, size_t capacity) {
+static int table_init(CountTable *t, int bits) {
+    size_t capacity = (size_t)1 << bits;
     t->keys = PyMem_Malloc(capacity * sizeof(uint64_t));
     t->counts = PyMem_Calloc(capacity, sizeof(uint64_t));
     if (!t->keys || !t->counts) {
         PyMem_Free(t->keys);
         PyMem_Free(t->counts);
+        t->keys = t->counts = NULL;
         return -1;
     }
     memset(t->keys, 0xFF, capacity * sizeof(uint64_t));
     t->mask = capacity - 1;
+    t->bits = bits;
     t->used = 0;
     return 0;
 }
@@ -115,8 +119,10 @@ static void table_free(CountTable *t) {
     PyMem_Free(t->counts);
 }
 
-static inline size_t slot_of(uint64_t key, size_t mask) {
-    return (size_t)((key * 0x9E3779B97F4A7C15ULL) >> 20) & mask;
+/* Fibonacci hashing: the top bits of key * 2^64 / golden ratio, which depend on every bit of
+ * the key (ids differing only in high bits still spread). */
+static inline size_t slot_of(uint64_t key, int bits) {
+    return (size_t)((key * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
 }
 
 static int table_add(CountTable *t, uint64_t key, uint64_t count);
@@ -124,7 +130,7 @@ static int table_add(CountTable *t, uint64_t key, uint64_t count);
 static int table_grow(CountTable *t) {
     CountTable bigger;
     size_t i;
-    if (table_init(&bigger, 2 * (t->mask + 1)) < 0) return -1;
+    if (table_init(&bigger, t->bits + 1) < 0) return -1;
     for (i = 0; i <= t->mask; i++)
         if (t->keys[i] != EMPTY_KEY) table_add(&bigger, t->keys[i], t->counts[i]);
     table_free(t);
@@ -133,7 +139,7 @@ static int table_grow(CountTable *t) {
 }
 
 static int table_add(CountTable *t, uint64_t key, uint64_t count) {
-    size_t s = slot_of(key, t->mask);
+    size_t s = slot_of(key, t->bits);
     while (t->keys[s] != key) {
         if (t->keys[s] == EMPTY_KEY) {
             if (2 * (t->used + 1) > t->mask + 1) { /* keep the load <= 1/2 */
@@ -183,6 +189,11 @@ static int get_scanlines(Py_buffer *view, const char *name, Py_ssize_t width, Py
                          int channels, Scanlines *s) {
     if (channels != 3 && channels != 4) {
         PyErr_Format(PyExc_ValueError, "%s: channels must be 3 or 4, got %d", name, channels);
+        return -1;
+    }
+    if (width > (PY_SSIZE_T_MAX - 1) / channels ||
+        height > PY_SSIZE_T_MAX / (width * channels + 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: %zdx%zd pixels is too large", name, width, height);
         return -1;
     }
     s->channels = channels;
@@ -329,7 +340,7 @@ static PyObject *overlap_counts(PyObject *self, PyObject *args) {
         goto done;
     runs.keys = PyMem_Malloc((size_t)width * sizeof(uint64_t));
     runs.lengths = PyMem_Malloc((size_t)width * sizeof(uint64_t));
-    if (!runs.keys || !runs.lengths || table_init(&table, 1024) < 0) {
+    if (!runs.keys || !runs.lengths || table_init(&table, 10) < 0) {
         PyErr_NoMemory();
         goto done;
     }

@@ -90,10 +90,14 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
             crowd = [int(s.get("iscrowd", 0)) == 1 for s in segs] if need_crowd_area else []
             area = ([math.nan if s.get("area") is None else float(s["area"]) for s in segs]
                     if need_crowd_area else [])
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             pass
         else:
-            if len(set(ids)) == len(ids) and (not ids or 0 < min(ids) <= max(ids) < 1 << _ID_BITS):
+            # (min/max of a list with a nan are not reliable, but then never pass this check:
+            # such lists, i.e. missing areas, take the checked loop.)
+            if (len(set(ids)) == len(ids)
+                    and (not ids or 0 < min(ids) <= max(ids) < 1 << _ID_BITS)
+                    and (not area or 0 < min(area) <= max(area) < math.inf)):
                 return ids, cats, crowd, area
     return _checked_segments(ann, json_path, cat_index, what, need_crowd_area)
 
@@ -112,7 +116,7 @@ def _checked_segments(ann: dict, json_path: str, cat_index: dict[int, int], what
         try:
             sid = int(s["id"])
             cid = int(s["category_id"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} has a "
                                     f"segment without integer 'id'/'category_id': {s!r}") from None
         if sid == VOID:
@@ -136,10 +140,15 @@ def _checked_segments(ann: dict, json_path: str, cat_index: dict[int, int], what
                 crowd.append(int(s.get("iscrowd", 0)) == 1)
                 a = s.get("area")
                 area.append(math.nan if a is None else float(a))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
                                         f"segment id {sid} has a non-numeric 'iscrowd' or "
                                         f"'area': {s!r}") from None
+            if not 0 < area[-1] < math.inf and a is not None:
+                # The reference divides by the area in the IoU union.
+                raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
+                                        f"segment id {sid} has area {a!r}; expected a "
+                                        "positive number of pixels")
     return ids, cats, crowd, area
 
 
@@ -370,7 +379,11 @@ def _compute_forked(jobs: Sequence[_ImageJob], stats: PQStats, workers: int) -> 
             if not data:
                 crashes.append(f"worker process {pid} exited without a result")
                 continue
-            status, value, error = marshal.loads(data)
+            try:
+                status, value, error = marshal.loads(data)
+            except (EOFError, ValueError, TypeError):  # cut off, e.g. the worker was killed
+                crashes.append(f"worker process {pid} returned an incomplete result")
+                continue
             if status == "crash":
                 crashes.append(value)
                 continue

@@ -13,9 +13,11 @@ start-up. Other PNG forms (16-bit, interlaced), or an installation whose C exten
 not be compiled, take the numpy path (`numpy_png_overlap`), which gives the same counts.
 
 Errors are `PanopticEvalError`s naming the file: not a PNG, a CRC mismatch or truncation
-(checked on every chunk, as Pillow, the reference evaluator's reader, does), a non-RGB
-colour type, an image header larger than its data can hold, corrupt compressed data, an
-unknown row filter, or two PNGs of one image that differ in size.
+(checked on every chunk; Pillow, the reference evaluator's reader, checks the chunks before
+the image data only), a non-RGB colour type, an empty image or one whose header is larger
+than its data can hold, corrupt compressed data or more of it than the header's size (which
+Pillow ignores), an unknown row filter, or two PNGs of one image that differ in size: a
+damaged file is reported rather than turned into a possibly wrong number.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def read_png(path: str) -> PanopticPng:
         raise PanopticEvalError(f"PNG not found: {path}") from None
     except OSError as e:
         raise PanopticEvalError(f"cannot read PNG {path}: {e}") from None
-    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+    if (data[:8] != PNG_SIGNATURE or data[8:16] != b"\x00\x00\x00\x0dIHDR"
+            or len(data) < 33):
         raise PanopticEvalError(f"cannot decode PNG {path}: not a PNG file")
     bit_depth, color_type = data[24], data[25]
     channels = _CHANNELS_OF_COLOR_TYPE.get(color_type)
@@ -92,6 +95,9 @@ def read_png(path: str) -> PanopticPng:
                       height=int.from_bytes(data[20:24], "big"), bit_depth=bit_depth,
                       channels=channels, interlaced=data[28] != 0,
                       image_data=_image_data(data, path))
+    if png.width < 1 or png.height < 1:
+        raise PanopticEvalError(f"cannot decode PNG {path}: its header says {png.width}x"
+                                f"{png.height} pixels")
     if png.scanline_bytes > _MAX_DEFLATE_RATIO * (len(png.image_data) + 64):
         # Caught before any decoder allocates the whole image from the header (a failing
         # allocation can be a crash rather than a Python error).
