@@ -29,13 +29,12 @@ from collections.abc import Sequence
 
 from max_deeplab.data.metadata import categories_problem
 from max_deeplab.evaluation.errors import PanopticEvalError
-from max_deeplab.evaluation.panoptic_png import pair_overlap_counts
+from max_deeplab.evaluation.panoptic_png import ID_BITS, pair_overlap_counts
 from max_deeplab.evaluation.pq_core import PQStats
 
 __all__ = ["PanopticEvalError", "build_jobs", "compute_stats", "evaluate_image", "pq_compute"]
 
 VOID = 0
-_ID_BITS = 24  # ids lie in [0, 2^24): three 8-bit channels
 
 
 class _ImageJob:
@@ -97,7 +96,7 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
         if sid == VOID:
             raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} lists "
                                     "segment id 0, which is reserved for void pixels")
-        if not 0 < sid < 1 << 24:
+        if not 0 < sid < 1 << ID_BITS:
             raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} segment "
                                     f"id {sid} is outside the RGB id range [1, 2^24)")
         if sid in seen:
@@ -198,7 +197,7 @@ def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     counts = pair_overlap_counts(job.gt_path, job.pred_path, job.image_id)
     gt_index = {sid: k for k, sid in enumerate(job.gt_ids)}
     pred_index = {sid: j for j, sid in enumerate(job.pred_ids)}
-    id_mask = (1 << _ID_BITS) - 1
+    id_mask = (1 << ID_BITS) - 1
     inter: dict[tuple[int, int], int] = {}
     void_pred = [0] * len(job.pred_ids)
     pred_area = [0] * len(job.pred_ids)
@@ -208,7 +207,7 @@ def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     # In key order, i.e. by (GT id, prediction id) as the reference evaluator walks them: the
     # IoU sums then add up in one order whichever path produced `counts`.
     for key, pixels in sorted(counts.items()):
-        gid, pid = key >> _ID_BITS, key & id_mask
+        gid, pid = key >> ID_BITS, key & id_mask
         k = gt_index.get(gid, -1) if gid != VOID else None
         j = pred_index.get(pid, -1) if pid != VOID else None
         if k == -1:

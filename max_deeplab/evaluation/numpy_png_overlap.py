@@ -18,7 +18,7 @@ import kornia_rs
 import pyspng
 
 from max_deeplab.evaluation.errors import PanopticEvalError
-from max_deeplab.evaluation.panoptic_png import PanopticPng, read_png
+from max_deeplab.evaluation.panoptic_png import ID_BITS, PanopticPng, read_png
 
 
 def _import_numpy_without_blas_threads() -> None:
@@ -120,7 +120,7 @@ def pair_runs(gt_rgb: np.ndarray, pred_rgb: np.ndarray
 def overlap_counts(gt: PanopticPng, pred: PanopticPng) -> dict[int, int]:
     """{(gt_id << 24) | pred_id: pixels} of two read PNGs of the same size."""
     _, lengths, gt_run, pred_run = pair_runs(decode_rgb(gt), decode_rgb(pred))
-    keys = (gt_run.astype(np.int64) << 24) | pred_run
+    keys = (gt_run.astype(np.int64) << ID_BITS) | pred_run
     distinct, which = np.unique(keys, return_inverse=True)
     # Float weights are exact: pixel counts are integers < 2^53.
     counts = np.bincount(which.reshape(-1), weights=lengths, minlength=distinct.size)

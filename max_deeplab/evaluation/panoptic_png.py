@@ -32,6 +32,9 @@ try:
 except ImportError:  # the optional C extension was not compiled at install time
     _png_overlap = None
 
+# Segment ids are 24-bit (three 8-bit channels); an overlap key is (gt_id << ID_BITS) |
+# pred_id, as the C extension builds it.
+ID_BITS = 24
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types (IHDR byte 9) that carry R, G, B samples: truecolour (+ alpha). The
 # others have no RGB id.
