@@ -223,43 +223,54 @@ def test_pq_of_the_ground_truth_against_itself_is_perfect(tmp_path):
 # ------------------------------------------------------------------ predict / overlay
 
 
-def test_predict_on_the_real_photos_at_their_real_sizes(tmp_path, capsys):
-    """A SavedModel with the 133 COCO classes (the test stand-in network) on both photos:
-    panoptic PNGs and overlays at 640x427 / 640x360, COCO results the reference accepts."""
-    from test_export import StandIn
-
+def _predict_photos(saved_model, out_dir, capsys) -> dict[int, tuple[np.ndarray, list[dict]]]:
+    """`predict` on both photos (image ids from the GT JSON). Checks what every run must
+    give: a panoptic PNG at the photo's size whose ids are those of its segments_info, and
+    an overlay with the photo drawn on and a legend below; the reference evaluator accepts
+    the results. Returns image_id -> (segment-id map, segments_info)."""
     from max_deeplab.cli import predict
-    from max_deeplab.inference import export_saved_model
 
-    data = annotations()
-    export_dir = tmp_path / "export"
-    export_saved_model(StandIn(num_classes=133, num_slots=24), str(export_dir),
-                       {"categories": data["categories"]}, input_size=(161, 241))
-    out_dir = tmp_path / "pred"
-    code = predict.main(["max-deeplab predict", "--saved_model", str(export_dir),
+    code = predict.main(["max-deeplab predict", "--saved_model", str(saved_model),
                          "--images", os.path.join(IMAGES_DIR, "*.jpg"),
                          "--output_dir", str(out_dir), "--images_json", GT_JSON])
     assert code == 0, capsys.readouterr().err
     with open(out_dir / "predictions.json") as f:
         pred = json.load(f)
     assert {a["image_id"] for a in pred["annotations"]} == set(SIZES)
-    valid = {c["id"] for c in data["categories"]}
+    out = {}
     for ann in pred["annotations"]:
         height, width = SIZES[ann["image_id"]]
-        png = np.asarray(Image.open(out_dir / "panoptic" / ann["file_name"]))
+        png = np.asarray(Image.open(out_dir / "panoptic" / ann["file_name"])).astype(np.int64)
         assert png.shape == (height, width, 3)
-        ids = png[..., 0] + 256 * png[..., 1].astype(np.int64)
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
         assert set(np.unique(ids[ids > 0]).tolist()) == {s["id"] for s in ann["segments_info"]}
-        assert len(ann["segments_info"]) >= 2
-        assert {s["category_id"] for s in ann["segments_info"]} <= valid
         drawn = np.asarray(Image.open(out_dir / "overlays" / ann["file_name"]))
         assert drawn.shape[1] == width and drawn.shape[0] > height  # photo + legend
         original = photo(ann["file_name"].replace(".png", ".jpg"))
         assert np.abs(drawn[:height].astype(int) - original).mean() > 10
+        out[ann["image_id"]] = (ids, ann["segments_info"])
     results = reference_pq({"gt_json": GT_JSON, "gt_dir": PANOPTIC_DIR,
                             "pred_json": str(out_dir / "predictions.json"),
                             "pred_dir": str(out_dir / "panoptic")})
     assert 0.0 <= results["All"]["pq"] <= 1.0
+    return out
+
+
+def test_predict_on_the_real_photos_at_their_real_sizes(tmp_path, capsys):
+    """A SavedModel with the 133 COCO classes (the test stand-in network) on both photos:
+    panoptic PNGs and overlays at 640x427 / 640x360, COCO results the reference accepts."""
+    from test_export import StandIn
+
+    from max_deeplab.inference import export_saved_model
+
+    data = annotations()
+    export_dir = tmp_path / "export"
+    export_saved_model(StandIn(num_classes=133, num_slots=24), str(export_dir),
+                       {"categories": data["categories"]}, input_size=(161, 241))
+    valid = {c["id"] for c in data["categories"]}
+    for _, segments in _predict_photos(export_dir, tmp_path / "pred", capsys).values():
+        assert len(segments) >= 2
+        assert {s["category_id"] for s in segments} <= valid
 
 
 def test_overlay_verb_draws_ground_truth_beside_predictions(tmp_path, capsys):
@@ -285,3 +296,71 @@ def test_overlay_verb_draws_ground_truth_beside_predictions(tmp_path, capsys):
                          str(tmp_path / "out")])
     assert code == 2 and "cannot read" in capsys.readouterr().err
 
+
+# ------------------------------------------------------------------------ slow: models
+
+
+@pytest.mark.slow  # builds MaX-DeepLab-S (62M weights), exports it and runs it (~1 min)
+def test_max_deeplab_s_predicts_on_the_real_photos(tmp_path, capsys):
+    """The full-size MaX-DeepLab-S config (641x641, 128 slots, 133 classes), randomly
+    initialised, through `export` and `predict` on the two photos at their real sizes.
+
+    Random weights keep no slot at the paper's class threshold, so the thresholds and area
+    limits are bound to 0: every pixel goes to a slot and the post-processing's argmaxes,
+    stuff merging and resize back to 640x427 / 640x360 all run; the reference evaluator
+    accepts the results."""
+    from max_deeplab.cli import export as export_cli
+    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.model import build_model
+
+    bindings = [f"max_deeplab.inference.postprocess.{name} = 0.0" for name in
+                ("class_threshold", "pixel_threshold", "thing_area_limit", "stuff_area_limit")]
+    parse_gin_flags(["max_deeplab_s_coco_641.gin"], bindings)
+    model = build_model()
+    assert model.output_shape["class_logits"][1:] == (128, 134)
+    tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt" / "ckpt"))
+    export_dir = tmp_path / "export"
+    code = export_cli.main(["max-deeplab export", "--checkpoint", str(tmp_path / "ckpt"),
+                            "--export_dir", str(export_dir), "--metadata", GT_JSON,
+                            "--gin_file", "max_deeplab_s_coco_641.gin",
+                            *[arg for b in bindings for arg in ("--gin_bindings", b)]])
+    assert code == 0, capsys.readouterr().err
+    for ids, segments in _predict_photos(export_dir, tmp_path / "pred", capsys).values():
+        assert (ids > 0).all()  # no threshold: every pixel belongs to a segment
+        assert len(segments) >= 2
+        present, counts = np.unique(ids, return_counts=True)
+        assert dict(zip(present.tolist(), counts.tolist())) == {
+            s["id"]: s["area"] for s in segments}
+
+
+@pytest.mark.slow  # trains the tiny model for 1200 steps (~12-15 min on 2 CPU cores)
+def test_overfit_script_learns_real_panoptic_segmentation(tmp_path):
+    """scripts/overfit_coco_samples.sh: trained on the two photos and evaluated on them at
+    their real sizes with COCO's rules, PQ >= 50 with Things and Stuff each >= 30; `pq`
+    agrees with the reference evaluator on those predictions; the PQ curve is printed."""
+    import subprocess
+
+    from coco_samples import REPO
+
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "overfit_coco_samples.sh"),
+                           "run"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=1800)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "pq.json").read_text())
+    assert metrics["All"]["pq"] >= 0.5, metrics["All"]
+    assert metrics["Things"]["pq"] >= 0.3, metrics["Things"]
+    assert metrics["Stuff"]["pq"] >= 0.3, metrics["Stuff"]
+    reference = reference_pq({"gt_json": GT_JSON, "gt_dir": PANOPTIC_DIR,
+                              "pred_json": str(run / "predictions" / "predictions.json"),
+                              "pred_dir": str(run / "predictions" / "panoptic")})
+    assert_same(metrics, reference, tol=1e-9)
+    curve = proc.stdout.split("PQ curve")[1].splitlines()[2:]
+    steps = [int(line.split()[0]) for line in curve if line.strip()[:1].isdigit()]
+    assert steps == list(range(100, 1201, 100))
+    assert f"All {100 * metrics['All']['pq']:.1f}" in proc.stdout
+    for name in ("000000142238.png", "000000439180.png"):
+        assert (run / "predictions" / "overlays" / name).is_file()
+        assert (run / "compare" / name).is_file()
+    assert (run / "compare.png").is_file()
