@@ -255,3 +255,30 @@ def test_query_key_value_projections_start_different():
     pixel = block._pixel_qkv_conv_bn._conv.kernel.numpy()
     assert memory.shape == pixel.shape
     assert not np.allclose(memory, pixel)
+
+
+@pytest.mark.parametrize("stacks, placement, expected", [
+    ((0, 0), "paper", "backbone_output"), ((0, 0), "reference", "backbone_output"),
+    ((1, 0), "paper", "decoder_output0"), ((1, 0), "reference", "backbone_output"),
+    ((1, 1), "paper", "decoder_output0"), ((1, 1), "reference", "decoder_output1"),
+    ((0, 2), "paper", "decoder_output0"), ((0, 2), "reference", "decoder_output0")])
+def test_semantic_head_placement(stacks, placement, expected):
+    """Paper §3.4: the semantic head reads the backbone when L = 0, else the first stride-4
+    decoder output; the reference (deeplab2) reads the first stride-4 output of its extra
+    decoder stacks, else the stride-16 backbone output (through a semantic decoder)."""
+    model = _tiny_model(f"MaXDeepLabEncoder.backbone_decoder_num_stacks = {stacks[0]}",
+                        f"MaXDeepLabEncoder.extra_decoder_num_stacks = {stacks[1]}",
+                        f"MaXDeepLabEncoder.semantic_feature = '{placement}'")
+    images = tf.random.uniform([1, *TINY_SIZE, 3], -1.0, 1.0, seed=1)
+    endpoints = model.encoder(images, training=False)
+    num_decoder_outputs = sum(key.startswith("decoder_output") for key in endpoints)
+    assert num_decoder_outputs == sum(stacks) + 1  # one per hourglass pass, plus the last
+    np.testing.assert_array_equal(endpoints["feature_semantic"], endpoints[expected])
+    assert (model.semantic_decoder is None) == (expected != "backbone_output")
+    assert model(images * 127.5 + 127.5, training=False)["semantic_logits"].shape[1:3] == (
+        endpoints["feature_panoptic"].shape[1:3])
+
+
+def test_unknown_semantic_placement_is_an_error():
+    with pytest.raises(ValueError, match="semantic_feature must be one of"):
+        _tiny_model("MaXDeepLabEncoder.semantic_feature = 'middle'")

@@ -107,6 +107,66 @@ def test_paper_rule_weights_masks_by_class_confidence():
                     **NO_AREA)["panoptic"][0, 0, 0]
 
 
+def test_literal_paper_rule_differs_from_the_kept_slot_rule_where_it_should():
+    """rule="paper" (§3.1, §4 literally: both argmaxes over all N slots, then void by class
+    confidence < 0.7 and m̂ < 0.4) against the default "kept_slots" rule, pixel by pixel.
+    Slot 0: class 0 with p 0.5 (void under both); slot 1: class 0 with p 0.9 (kept);
+    slot 2: ∅ with p 0.95 (void); classes 0 (thing) and 1 (stuff)."""
+    cl = _class_logits([[0.5, 0.1, 0.4], [0.9, 0.05, 0.05], [0.02, 0.03, 0.95]])
+    ml = np.array([[
+        # Pixel 0: discarded slot 0 has the largest logit. kept_slots: void (dominated by a
+        # discarded slot). Paper: ln 0.5 + 1.0 < ln 0.9 + 0.8, so ẑ = slot 1 with
+        # m̂ = 1 / (1 + e^0.2) = 0.450 >= 0.4: slot 1's thing.
+        [1.0, 0.8, -30.0],
+        # Pixel 1: slot 1 has the largest logit. kept_slots: ẑ = slot 1, confidence over
+        # kept slots 1.0: slot 1. Paper: the ∅ slot wins the weighted argmax
+        # (ln 0.95 + 0.99 > ln 0.9 + 1.0): void.
+        [-30.0, 1.0, 0.99],
+        # Pixel 2: slot 1 leads, but m̂ over all N is 1 / (1 + 2 e^-0.1) = 0.356 < 0.4:
+        # paper void; kept_slots: confidence over kept slots is 1.0: slot 1.
+        [0.9, 1.0, 0.9 + np.log(0.9 / 0.95)],
+    ]], np.float32)
+    kept_slots = _run(ml, cl, [True, False], **NO_AREA)
+    paper = _run(ml, cl, [True, False], rule="paper", **NO_AREA)
+    thing = 1 * 256 + 2  # class 0 (label 1), instance = slot 1 + 1
+    np.testing.assert_array_equal(kept_slots["panoptic"][0], [[0, thing, thing]])
+    np.testing.assert_array_equal(paper["panoptic"][0], [[thing, 0, 0]])
+    np.testing.assert_array_equal(paper["mask_id"][0], [[2, 0, 2]])
+    np.testing.assert_allclose(paper["pixel_confidence"][0, 0, 0], 1 / (1 + np.exp(0.2)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(paper["pixel_confidence"][0, 0, 2],
+                               1 / (1 + np.exp(-0.1) + 0.9 / 0.95 * np.exp(-0.1)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(paper["segment_scores"][0], [0.0, 0.9, 0.0], rtol=1e-5)
+
+
+def test_thresholds_themselves_are_kept_by_the_paper_rule():
+    """"Below 0.7" and "below 0.4" are void: a slot at exactly the class threshold and a
+    pixel at exactly the pixel threshold are kept under rule="paper" (the default rule
+    voids a pixel at exactly its threshold)."""
+    cl = _class_logits([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
+    ml = np.array([[[0.3, 0.0]]], np.float32)
+    conf = float(_run(ml, cl, [True, False], rule="paper", pixel_threshold=0.0,
+                      **NO_AREA)["pixel_confidence"][0, 0, 0])
+    p = float(tf.reduce_max(tf.nn.softmax(cl[0, 0])))
+    at = _run(ml, cl, [True, False], rule="paper", pixel_threshold=conf, class_threshold=p,
+              **NO_AREA)
+    assert at["panoptic"][0, 0, 0] == 257
+    above = _run(ml, cl, [True, False], rule="paper", pixel_threshold=float(
+        np.nextafter(np.float32(conf), np.float32(1))), **NO_AREA)
+    assert above["panoptic"][0, 0, 0] == 0
+    kept_slots_conf = float(_run(ml, cl, [True, False], pixel_threshold=0.0,
+                                 **NO_AREA)["pixel_confidence"][0, 0, 0])
+    assert _run(ml, cl, [True, False], pixel_threshold=kept_slots_conf,
+                **NO_AREA)["panoptic"][0, 0, 0] == 0
+
+
+def test_unknown_rule_is_an_error():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        _run(np.zeros((1, 1, 2), np.float32), _class_logits([[0.9, 0.1]] * 2), [True],
+             rule="majority")
+
+
 def test_ties_pick_the_lowest_slot_index():
     cl = _class_logits([[0.9, 0.05, 0.05]] * 3)
     ml = np.zeros((1, 2, 3), np.float32)
@@ -249,6 +309,62 @@ def _np_postprocess(mask_logits, class_logits, is_thing, size, paper, thing_limi
         if region.any() and region.sum() >= stuff_limit:
             pan[region] = (c + 1) * divisor
     return pan, slot
+
+
+def _np_postprocess_paper_rule(mask_logits, class_logits, is_thing, size, thing_limit,
+                               stuff_limit, class_thr=0.7, pixel_thr=0.4, divisor=256):
+    """Slow per-pixel implementation of the paper's literal rule (§3.1 Eqs. 2-3, §4)."""
+    logits = _np_upsample_align_corners(mask_logits.astype(np.float64), *size)
+    z = np.exp(class_logits - class_logits.max(-1, keepdims=True))
+    probs = z / z.sum(-1, keepdims=True)
+    c_hat, score = probs.argmax(-1), probs.max(-1)  # over all C + 1 classes
+    void_class = probs.shape[-1] - 1
+    kept = (c_hat != void_class) & (score >= class_thr)
+    h, w, n = logits.shape
+    slot = np.full((h, w), -1)
+    for y in range(h):
+        for x in range(w):
+            m = np.exp(logits[y, x] - logits[y, x].max())
+            m /= m.sum()  # m̂ over all N slots
+            i = int(np.argmax(score * m))
+            if kept[i] and m[i] >= pixel_thr:
+                slot[y, x] = i
+    pan = np.zeros((h, w), np.int64)
+    for i in range(n):
+        region = slot == i
+        if region.any() and is_thing[c_hat[i]] and region.sum() >= thing_limit:
+            pan[region] = (c_hat[i] + 1) * divisor + i + 1
+    for c in np.flatnonzero(~np.asarray(is_thing)):
+        region = np.isin(slot, np.flatnonzero(kept & (c_hat == c)))
+        if region.any() and region.sum() >= stuff_limit:
+            pan[region] = (c + 1) * divisor
+    return pan, slot
+
+
+def test_paper_rule_matches_slow_numpy_implementation():
+    rng = np.random.default_rng(8)
+    b, h, w, n, c = 2, 5, 6, 7, 4
+    is_thing = [True, False, True, False]
+    ml = rng.normal(0, 2, (b, h, w, n)).astype(np.float32)
+    cl = rng.normal(0, 3, (b, n, c + 1)).astype(np.float32)
+    size = (17, 21)
+    out = postprocess({"mask_logits": ml, "class_logits": cl}, is_thing=is_thing,
+                      image_size=size, thing_area_limit=12, stuff_area_limit=20,
+                      area_limit_reference_size=None, rule="paper", class_threshold=0.5,
+                      pixel_threshold=0.3)
+    compiled = tf.function(lambda m, k: postprocess(
+        {"mask_logits": m, "class_logits": k}, is_thing=is_thing, image_size=size,
+        thing_area_limit=12, stuff_area_limit=20, area_limit_reference_size=None,
+        rule="paper", class_threshold=0.5, pixel_threshold=0.3), jit_compile=True)(ml, cl)
+    np.testing.assert_array_equal(compiled["panoptic"].numpy(), out["panoptic"].numpy())
+    n_segments = 0
+    for i in range(b):
+        want, slot = _np_postprocess_paper_rule(ml[i], cl[i], is_thing, size, 12, 20,
+                                                class_thr=0.5, pixel_thr=0.3)
+        np.testing.assert_array_equal(out["panoptic"][i].numpy(), want)
+        n_segments += len(np.unique(want)) - 1
+        assert (slot >= 0).mean() > 0.1
+    assert n_segments >= 3
 
 
 @pytest.mark.parametrize("paper", [True, False])

@@ -1,20 +1,35 @@
-"""Panoptic post-processing of MaX-DeepLab outputs (paper §3.1, DESIGN.md §5).
+"""Panoptic post-processing of MaX-DeepLab outputs (paper §3.1, §4, DESIGN.md §5).
 
-The model predicts N (mask, class) pairs. Inference turns them into a non-overlapping
-panoptic map with two argmaxes:
+The model predicts N (mask, class) pairs: class probabilities p̂_i over C + 1 classes (the
+last, ∅, is void) and masks m̂_i,hw = softmax over the N slots of the mask logits. Two
+argmaxes turn them into a non-overlapping panoptic map (Eqs. 2-3), filtered by the
+confidences of §4 ("masks with class confidence below 0.7 [set] to void", "pixels with
+mask-ID confidence below 0.4 [filtered]"). Two rules are implemented (``rule``):
 
-* per mask slot i: ĉ_i = argmax_c p̂_i(c) over the C non-void classes; the slot is *kept* iff
-  its class confidence p̂_i(ĉ_i) ≥ ``class_threshold`` (0.7), otherwise it is void;
-* per pixel: ẑ_hw = argmax over kept slots i of p̂_i(ĉ_i)·m̂_i,hw (paper), or of m̂_i,hw alone
-  (``weight_masks_by_class_confidence=False``, what the reference implementation deeplab2
-  does). As m̂ = softmax_N(mask logits), the argmax is taken on logits (+ log p̂) directly.
+``rule="kept_slots"`` (the default; the reference implementation's, which its published
+checkpoints' PQ was measured with):
+1. ĉ_i = argmax over the C non-void classes of p̂_i (the (C+1)-softmax, ∅ left out); slot i
+   is *kept* iff its class confidence p̂_i(ĉ_i) ≥ ``class_threshold`` (0.7 itself is kept).
+   Other slots are discarded before the pixel argmax.
+2. ẑ_hw = argmax over the *kept* slots of p̂_i(ĉ_i)·m̂_i,hw (``weight_masks_by_class_confidence
+   =True``, the paper's Eq. 3 weighting), or of m̂_i,hw alone (False, as deeplab2). As m̂ =
+   softmax_N(mask logits), the argmax is taken on logit + log p̂ directly.
+3. The pixel's mask-ID confidence is the softmax over the *kept* slots of the mask logits,
+   read at ẑ (not m̂, whose softmax runs over all N). The pixel is kept iff that confidence
+   is > ``pixel_threshold`` (0.4 itself is void) and the slot with the largest mask logit
+   over *all* N slots is a kept one (a pixel dominated by a discarded slot is void, not
+   handed to a weaker kept slot).
 
-A pixel is void unless (a) its mask-ID confidence — the softmax over the *kept* slots of the
-mask logits, read at ẑ — is > ``pixel_threshold`` (0.4), and (b) the slot with the largest
-mask logit over *all* N slots is a kept one (a pixel dominated by a discarded slot is not
-handed to a weaker kept slot). Then segments below an area limit become void: a thing
-segment is one slot's pixels (instance id = slot + 1), a stuff segment is the union of the
-pixels of all slots predicting that stuff class (instance id 0).
+``rule="paper"`` (§3.1 and §4 read literally):
+1. ĉ_i = argmax over all C + 1 classes (∅ included); slot i is void if ĉ_i = ∅ or
+   p̂_i(ĉ_i) < ``class_threshold`` (0.7 itself is kept).
+2. ẑ_hw = argmax over *all* N slots of p̂_i(ĉ_i)·m̂_i,hw (void slots compete too).
+3. The pixel is void if slot ẑ is void or m̂_ẑ,hw (softmax over all N) < ``pixel_threshold``
+   (0.4 itself is kept).
+
+Then, under either rule, segments below an area limit become void: a thing segment is one
+slot's pixels (instance id = slot + 1), a stuff segment is the union of the pixels of all
+slots predicting that stuff class (instance id 0).
 
 Label encoding (same as deeplab2's COCO label space, used by its released checkpoints):
 the semantic label of contiguous class channel k is ``k + label_offset`` (default 1), label
@@ -30,9 +45,11 @@ numerically on the tiny fixture), which is exact for the stride-4 grid of a ``4k
 kept iff its confidence > pixel_threshold (strict), a segment iff area ≥ its limit.
 
 Every pixel is summarised by one int32 *code* = (b·N + a)·(2N + 1) + e, with a the dominant
-slot (largest mask logit) and e = 0 (a discarded: void), 1 + ẑ (confident) or 1 + N + ẑ
-(not confident). All output maps are then one table lookup each, and the area filters one
-`bincount` of the codes. Three implementations compute the codes:
+slot (largest mask logit) and e = 0 (void: a discarded under "kept_slots", ẑ void under
+"paper"), 1 + ẑ (confident) or 1 + N + ẑ (not confident). All output maps are then one table
+lookup each, and the area filters one `bincount` of the codes. The "paper" rule computes
+its codes on all N upsampled channels (`_slot_maps_paper`); three implementations compute
+the "kept_slots" codes:
 
 * *static* (used under ``tf.function(jit_compile=True)``, where shapes must be static):
   all N channels upsampled to [B, H, W, N];
@@ -71,9 +88,11 @@ from collections.abc import Callable, Mapping, Sequence
 import gin
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+
+from max_deeplab.xla_compilation import in_xla_compilation
 
 RESIZE_METHODS = ("align_corners", "half_pixel")
+RULES = ("kept_slots", "paper")
 
 # Log-score given to discarded slots in the paper's argmax: finite (unlike -inf) so that an
 # image with every slot discarded gives no NaN, and far below any real logit + log p̂.
@@ -115,13 +134,6 @@ def upsample_logits(logits: tf.Tensor, size: Sequence[int], method: str = "align
     return tf.raw_ops.ResizeBilinear(images=logits, size=size,
                                      align_corners=method == "align_corners",
                                      half_pixel_centers=method == "half_pixel")
-
-
-def _in_xla_context() -> bool:
-    """True while tracing inside ``tf.function(jit_compile=True)`` (shapes must be static)."""
-    if tf.executing_eagerly():
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _candidate_stride(low: int, high: int) -> int | None:
@@ -647,6 +659,34 @@ def _validate(mask_logits: tf.Tensor, class_logits: tf.Tensor, is_thing: tf.Tens
             raise ValueError(f"postprocess: {name} must be in [0, 1], got {value}")
 
 
+def _paper_codes(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
+                 image_size: Sequence[int] | None, resize_method: str,
+                 pixel_threshold: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-pixel codes and mask-ID confidences of ``rule="paper"`` (module docstring).
+
+    `kept`: slots whose ĉ (over C + 1) is not ∅ and whose confidence reaches the class
+    threshold; `slot_conf`: p̂_i(ĉ_i) over C + 1. All N channels at full resolution; static
+    shapes (XLA-compatible).
+    """
+    if image_size is not None:
+        mask_logits = upsample_logits(mask_logits, image_size, resize_method)
+    num_slots = int(mask_logits.shape[-1])
+    # Eq. 3 over all N: argmax_i p̂_i(ĉ_i)·m̂_i = argmax_i (log p̂_i(ĉ_i) + logit_i).
+    scored = mask_logits + tf.math.log(tf.maximum(slot_conf, 1e-30))[:, None, None, :]
+    chosen = tf.argmax(scored, axis=-1, output_type=tf.int32)
+    dominant = tf.argmax(mask_logits, axis=-1, output_type=tf.int32)
+    # m̂_ẑ: the model's mask softmax over all N slots, read at ẑ.
+    max_all = tf.reduce_max(mask_logits, axis=-1)
+    chosen_logit = tf.gather(mask_logits, chosen[..., None], batch_dims=3)[..., 0]
+    confidence = tf.exp(chosen_logit - max_all) / tf.reduce_sum(
+        tf.exp(mask_logits - max_all[..., None]), axis=-1)
+    e = tf.where(tf.gather(kept, chosen, batch_dims=1),
+                 tf.where(confidence >= pixel_threshold, 1 + chosen, 1 + num_slots + chosen),
+                 0)
+    image = tf.range(tf.shape(chosen)[0], dtype=tf.int32)[:, None, None]
+    return (image * num_slots + dominant) * (2 * num_slots + 1) + e, confidence
+
+
 def _slot_maps_static(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
                       image_size: Sequence[int] | None, resize_method: str,
                       weight_masks_by_class_confidence: bool
@@ -709,6 +749,7 @@ def postprocess(
     weight_masks_by_class_confidence: bool = True,
     resize_method: str = "align_corners",
     dynamic_shapes: bool | None = None,
+    rule: str = "kept_slots",
 ) -> dict[str, tf.Tensor]:
     """Panoptic, semantic and instance maps from the model's output dict (paper §3.1).
 
@@ -719,7 +760,8 @@ def postprocess(
       image_size: (H, W) to upsample the mask logits to (bilinear, ``resize_method``);
         None keeps the logits' resolution.
       class_threshold: slots with p̂_i(ĉ_i) < this are void (kept iff ≥).
-      pixel_threshold: pixels with mask-ID confidence ≤ this are void (kept iff >).
+      pixel_threshold: "kept_slots": pixels with mask-ID confidence ≤ this are void (kept
+        iff >); "paper": pixels with m̂_ẑ < this are void (kept iff ≥).
       thing_area_limit, stuff_area_limit: segments with fewer pixels become void; given
         at ``area_limit_reference_size``² input area and scaled to H·W (see
         `scaled_area_limit`), or absolute pixel counts if that is None. 0 disables.
@@ -730,8 +772,9 @@ def postprocess(
         (contiguous class * label_divisor + instance, void/ignore −1).
       void_label: the ``panoptic`` value of void pixels (default 0); must not be a valid
         stuff label (so not 0 when label_offset is 0).
-      weight_masks_by_class_confidence: True: ẑ = argmax_i p̂_i(ĉ_i)·m̂_i (paper §3.1);
-        False: ẑ = argmax_i m̂_i over kept slots (deeplab2's "pixelwise" post-processing).
+      weight_masks_by_class_confidence: ("kept_slots") True: ẑ = argmax_i p̂_i(ĉ_i)·m̂_i
+        (paper §3.1); False: ẑ = argmax_i m̂_i over kept slots (deeplab2's "pixelwise"
+        post-processing). The "paper" rule always weights.
       resize_method: "align_corners" (deeplab2) or "half_pixel" (TF2 `tf.image.resize`).
       dynamic_shapes: True: the cells or dense paths (module docstring; data-dependent
         shapes, faster); False: the static all-slot computation (XLA-compatible). None:
@@ -739,6 +782,10 @@ def postprocess(
         the same maps; confidences agree up to float32 rounding of the kept-slot sum, so
         a pixel whose confidence is within that rounding of ``pixel_threshold`` may be
         kept by one and voided by another. Ties in either argmax go to the lowest slot.
+        ("kept_slots" only: the "paper" rule always computes on all N channels.)
+      rule: "kept_slots" (default, the reference's) or "paper" (§3.1 literally): which
+        slots compete in the pixel argmax and which confidence is thresholded; see the
+        module docstring.
 
     Returns:
       dict of
@@ -750,7 +797,8 @@ def postprocess(
           ``panoptic // label_divisor``.
         ``instance`` int32 [B, H, W]: ``panoptic % label_divisor``.
         ``mask_id`` int32 [B, H, W]: ẑ + 1 before the pixel-confidence and area filters;
-          0 where the pixel's dominant slot (largest mask logit) is discarded.
+          0 where the pixel's dominant slot (largest mask logit) is discarded ("paper":
+          where slot ẑ is void).
         ``pixel_confidence`` float32 [B, H, W]: mask-ID confidence at ẑ (0 where mask_id 0).
         ``class_confidence`` float32 [B, H, W]: p̂_ẑ(ĉ_ẑ) (0 where mask_id is 0).
         ``segment_scores`` float32 [B, N]: p̂_i(ĉ_i) for kept slots, 0 for discarded ones.
@@ -767,11 +815,19 @@ def postprocess(
     mask_logits = tf.cast(mask_logits, tf.float32)
     class_logits = tf.cast(class_logits, tf.float32)
 
+    if rule not in RULES:
+        raise ValueError(f"postprocess: rule must be one of {RULES}, got {rule!r}")
     # Per slot: class and its confidence among the non-void classes of the (C+1)-softmax.
-    class_probs = tf.nn.softmax(class_logits, axis=-1)[..., :num_classes]
+    all_probs = tf.nn.softmax(class_logits, axis=-1)
+    class_probs = all_probs[..., :num_classes]
     slot_class = tf.argmax(class_probs, axis=-1, output_type=tf.int32)  # [B, N]
     slot_conf = tf.reduce_max(class_probs, axis=-1)  # [B, N]
     kept = slot_conf >= class_threshold  # [B, N]
+    if rule == "paper":
+        # ĉ over all C + 1 classes: a slot whose argmax is ∅ is void; its confidence
+        # p̂(∅) still weighs its masks in the pixel argmax.
+        any_conf = tf.reduce_max(all_probs, axis=-1)
+        kept = kept & (slot_conf >= any_conf)
 
     if image_size is not None and image_size[0] is not None:
         out_size = (int(image_size[0]), int(image_size[1]))
@@ -781,8 +837,11 @@ def postprocess(
         raise ValueError("postprocess: the output size must be static to scale the area "
                          "limits; pass image_size or area_limit_reference_size=None")
     if dynamic_shapes is None:
-        dynamic_shapes = not _in_xla_context()
-    if dynamic_shapes and None not in out_size:
+        dynamic_shapes = not in_xla_compilation()
+    if rule == "paper":
+        codes, confidence = _paper_codes(mask_logits, kept, any_conf, image_size,
+                                         resize_method, pixel_threshold)
+    elif dynamic_shapes and None not in out_size:
         # ẑ ranks kept slots by logit + offset: argmax_i p̂_i·m̂_i = argmax_i (log p̂_i +
         # logit_i) (paper), as m̂'s normaliser is shared by all slots of a pixel.
         offset = (tf.math.log(tf.maximum(slot_conf, 1e-30))

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from max_deeplab.matching.scipy_backend import linear_sum_assignment_scipy
 from max_deeplab.matching.tf_backend import linear_sum_assignment_tf
+from max_deeplab.xla_compilation import in_xla_compilation
 
 BACKENDS = ("auto", "scipy", "tf")
 
@@ -37,17 +38,6 @@ def _under_tpu_strategy() -> bool:
     return bool(tpu_types) and isinstance(strategy, tpu_types)
 
 
-def _in_xla_compilation() -> bool:
-    """Whether the graph being traced is compiled by XLA (jit_compile or a TPU step)."""
-    if tf.executing_eagerly():
-        return False
-    try:  # not a public API; without it only TPU steps count as XLA
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - depends on the TF version
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-
-
 def resolve_backend(backend: str) -> str:
     """Maps ``"auto"`` to the concrete backend where the matcher is being traced: ``"tf"``
     inside an XLA compilation (TPU, `jit_compile=True`), else ``"scipy"``.
@@ -58,7 +48,7 @@ def resolve_backend(backend: str) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"hungarian_match: backend must be one of {BACKENDS}, got {backend!r}")
-    xla = _under_tpu_strategy() or _in_xla_compilation()
+    xla = _under_tpu_strategy() or in_xla_compilation()
     if backend == "auto":
         return "tf" if xla else "scipy"
     if backend == "scipy" and xla:

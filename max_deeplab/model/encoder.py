@@ -28,6 +28,9 @@ from max_deeplab.layers.resized_fuse import ResizedFuse
 # Layers whose names end with this are not part of the ImageNet-pretrained backbone.
 EXTRA = "extra"
 
+# Where the auxiliary semantic head reads: the paper's placement or the reference's.
+SEMANTIC_FEATURES = ("paper", "reference")
+
 
 class InceptionStem(tfk.layers.Layer):
     """Three 3x3 convs (the first with stride 2) replacing ResNet's 7x7 stem."""
@@ -90,6 +93,14 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
       block_group_config: extra `BlockGroup` arguments (drop path, axial and transformer
         configs, attention bottleneck expansion).
       classification_mode: build only the pretrainable backbone (ImageNet pretraining).
+      semantic_feature: where the auxiliary semantic head reads (`feature_semantic`).
+        "paper" (§3.4 "Semantic segmentation"): on top of the backbone if there is no
+        stacked decoder (L = 0), otherwise the first decoder output at stride 4 (kept apart
+        from the final mask feature g). "reference" (deeplab2): the first stride-4 output
+        of the extra (non-pretrained) decoder stacks if there are any, otherwise the
+        backbone output, at stride 16 (so, e.g., after the backbone's own hourglass in the
+        L = 1 ablation); MaX-DeepLab-L's published checkpoint was trained this way. The
+        two agree for L = 0 (MaX-DeepLab-S).
     """
 
     def __init__(self, num_blocks=(3, 4, 6, 3), backbone_layer_multiplier: float = 1.0,
@@ -105,9 +116,14 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
                  global_feed_forward_network_channels: int = 256,
                  high_resolution_output_stride: int = 4, activation: str = "relu",
                  block_group_config: dict | None = None, classification_mode: bool = False,
+                 semantic_feature: str = "paper",
                  bn_layer: BatchNormFactory = tfk.layers.BatchNormalization,
                  name: str = "encoder"):
         super().__init__(name=name)
+        if semantic_feature not in SEMANTIC_FEATURES:
+            raise ValueError(f"semantic_feature must be one of {SEMANTIC_FEATURES}, got "
+                             f"{semantic_feature!r}")
+        self._semantic_feature = semantic_feature
         if extra_decoder_blocks_per_stage <= 0:
             raise ValueError("extra_decoder_blocks_per_stage must be positive")
         if num_mask_slots > max_num_mask_slots:
@@ -225,6 +241,14 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
                                                 "mask_feature_extra", bn_layer=bn_layer,
                                                 activation=activation)
 
+    @property
+    def semantic_feature_at_high_resolution(self) -> bool:
+        """Whether `feature_semantic` is a stride-4 decoder output (else the stride-16
+        backbone output, which needs a semantic decoder to reach stride 4)."""
+        if self._semantic_feature == "paper":
+            return self._backbone_decoder_num_stacks + self._extra_decoder_num_stacks > 0
+        return self._extra_decoder_num_stacks > 0
+
     def build(self, input_shape):
         if self._use_memory:
             self.memory_feature = self.add_weight(
@@ -292,7 +316,13 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
                 memory, training=training)
             endpoints["transformer_mask_feature"] = self._mask_feature_extra(
                 memory, training=training)
+        for index, feature in enumerate(high_res_outputs):
+            endpoints[f"decoder_output{index}"] = feature  # stride-4 outputs, in order
         endpoints["feature_panoptic"] = high_res_outputs[-1]
-        endpoints["feature_semantic"] = (high_res_outputs[self._backbone_decoder_num_stacks]
-                                         if self._extra_decoder_num_stacks else backbone_output)
+        if not self.semantic_feature_at_high_resolution:
+            endpoints["feature_semantic"] = backbone_output
+        elif self._semantic_feature == "paper":
+            endpoints["feature_semantic"] = high_res_outputs[0]
+        else:
+            endpoints["feature_semantic"] = high_res_outputs[self._backbone_decoder_num_stacks]
         return endpoints

@@ -83,9 +83,9 @@ class MaXDeepLab(tfk.Model):
         self.semantic_decoder = None
         self.semantic_head = None
         if use_semantic_head:
-            # With no stacked decoder the semantic feature is the stride-16 backbone output,
-            # which needs its own decoder to reach stride 4.
-            if not getattr(self.encoder, "_extra_decoder_num_stacks", 0):
+            # A semantic feature at stride 16 (the backbone output; see
+            # `MaXDeepLabEncoder.semantic_feature`) needs its own decoder to reach stride 4.
+            if not getattr(self.encoder, "semantic_feature_at_high_resolution", False):
                 self.semantic_decoder = SemanticDecoder(bn_layer=bn)
             self.semantic_head = ConvHead(semantic_head_channels, num_classes, "semantic_head",
                                           bn_layer=bn)
