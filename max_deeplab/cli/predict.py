@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import flags
 
-from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.atomic_files import temporary_path, write_json_atomic
 from max_deeplab.cli.flag_parsing import parse_flags
 from max_deeplab.file_system import nearest_existing_path
 
@@ -171,7 +171,7 @@ def _load_saved_model(saved_model: str) -> tuple[Any, dict[str, Any]]:
 def _save_png(image: Any, path: str) -> None:
     """Saves a PIL image as PNG under a temporary name, then renames it: an interrupted run
     leaves no truncated PNG."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
