@@ -121,6 +121,29 @@ def nearest_existing_path(path: str) -> str:
     return path
 
 
+def directory_problem(directory: str) -> str | None:
+    """Why files cannot be written in the local `directory` (created if missing), or None:
+    a file at or above it, or no permission to write where it is or would be created."""
+    path = os.path.abspath(directory)
+    anchor = nearest_existing_path(path)
+    if not os.path.isdir(anchor):
+        if anchor == path:
+            return f"{directory} is a file, not a directory"
+        return f"{directory} cannot be created: {anchor} is a file"
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        return f"no permission to write in {anchor}"
+    return None
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why the local file `path` cannot be written (atomically, beside itself), or None:
+    it is a directory, or `directory_problem` of its directory. Cheap: for checking an
+    output flag before the work starts."""
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    return directory_problem(os.path.dirname(os.path.abspath(path)))
+
+
 def create_missing_dirs(path: str) -> list[str]:
     """Creates directory `path` and any missing parents; returns those it created, deepest
     first, so that a writer that fails can remove them again (`remove_empty_dirs`)."""

@@ -31,7 +31,7 @@ from max_deeplab.data import coco_format, schema
 from max_deeplab.data import metadata as metadata_lib
 from max_deeplab.file_system import (
     create_missing_dirs,
-    nearest_existing_path,
+    directory_problem,
     remove_empty_dirs,
 )
 from max_deeplab.interruption import signal_name, signals_held
@@ -70,12 +70,9 @@ def check_output_prefix(output_prefix: str) -> None:
             f"prefix: e.g. --output {os.path.join(output_prefix, 'train')} "
             f"writes {metadata_lib.shard_path(os.path.join(output_prefix, 'train'), 0, 8)} ... "
             f"and {metadata_lib.metadata_path(os.path.join(output_prefix, 'train'))}")
-    anchor = nearest_existing_path(os.path.dirname(os.path.abspath(output_prefix)))
-    if not os.path.isdir(anchor):
-        raise ValueError(f"--output {output_prefix}: its directory cannot be created: "
-                         f"{anchor} is a file")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output_prefix}: no permission to write in {anchor}")
+    problem = directory_problem(os.path.dirname(os.path.abspath(output_prefix)))
+    if problem:
+        raise ValueError(f"--output {output_prefix}: {problem}")
 
 
 def _temporaries_of(output_prefix: str) -> list[str]:
