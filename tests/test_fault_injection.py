@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import textwrap
 import time
 
 import pytest
+import standin_training
 import tensorflow as tf
 
 from max_deeplab.__main__ import main as cli_main
@@ -159,3 +161,136 @@ def test_killed_convert_keeps_the_data_set_whole_and_reruns(coco, tmp_path, sign
     metadata = metadata_lib.load_metadata(prefix + "-*")
     assert metadata["num_examples"] == 16
     assert metadata_lib.check_shards(prefix + "-*") == metadata_lib.list_shards(prefix + "-*")
+
+
+# ------------------------------------------------------------------------------- train
+
+STEPS, EVERY = 60, 10
+# The stand-in model, with each step taking at least 0.05 s.
+SLOW_TRAIN = [sys.executable, os.path.join(REPO, "tests", "standin_training.py"),
+              "--sleep", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def records(coco, tmp_path_factory) -> str:
+    prefix = str(tmp_path_factory.mktemp("records") / "train")
+    assert cli_main(["max-deeplab", "convert", *_convert_args(coco, coco["subset"],
+                                                                prefix)]) == 0
+    return prefix + "-*"
+
+
+def _train_args(model_dir, records: str) -> list[str]:
+    return ["train", f"--model_dir={model_dir}", "--gin_file=tiny.gin",
+            f"--train_data={records}", f"--steps={STEPS}", f"--checkpoint_every={EVERY}",
+            "--strategy=one_device",
+            "--gin_bindings=build_learning_rate_schedule.warmup_steps = 1",
+            "--gin_bindings=experiment_options.train_batch_size = 2"]
+
+
+def _latest_step(model_dir) -> int:
+    latest = tf.train.latest_checkpoint(str(model_dir))
+    return -1 if latest is None else int(latest.rsplit("-", 1)[1])
+
+
+def _saved_step(prefix: str) -> int:
+    """The global step stored in checkpoint `prefix`, every value read (checksums)."""
+    from max_deeplab.model.checkpoints import check_checkpoint
+
+    check_checkpoint(prefix)
+    reader = tf.train.load_checkpoint(prefix)
+    for key in reader.get_variable_to_shape_map():
+        reader.get_tensor(key)
+    return int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _no_temporaries(model_dir) -> None:
+    """Nothing half-written where `DIR/*` (or `DIR/ckpt-*`) reaches."""
+    leftovers = [p for p in glob.glob(str(model_dir / "*"))
+                 if "tmp" in os.path.basename(p) or p.endswith("_temp")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("signum, wait_for", [
+    (signal.SIGTERM, "checkpoint"),
+    (signal.SIGKILL, "checkpoint"),
+    pytest.param(signal.SIGINT, "checkpoint", marks=pytest.mark.slow),
+    pytest.param(signal.SIGTERM, "compiling", marks=pytest.mark.slow),
+    pytest.param(signal.SIGKILL, "compiling", marks=pytest.mark.slow),
+], ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
+def test_killed_train_keeps_checkpoints_whole_and_resumes(records, tmp_path, signum,
+                                                          wait_for, monkeypatch, capsys):
+    model_dir = tmp_path / "run"
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([*SLOW_TRAIN, *_train_args(model_dir, records)], stdout=out,
+                                stderr=subprocess.PIPE, text=True, env=_env())
+        if wait_for == "checkpoint":  # between two periodic checkpoints
+            _wait_for(lambda: _latest_step(model_dir) >= EVERY, proc, "the first checkpoint")
+            time.sleep(0.3)
+        else:  # while the first step compiles
+            _wait_for(lambda: "compiling" in out_path.read_text(), proc, "compiling")
+        code, _, err = _interrupt(proc, signum)
+    stopped_after = _latest_step(model_dir)
+
+    _no_temporaries(model_dir)
+    if stopped_after >= 0:  # every checkpoint there is whole, at the step it is named by
+        for prefix in tf.train.get_checkpoint_state(str(model_dir)).all_model_checkpoint_paths:
+            assert _saved_step(prefix) == int(prefix.rsplit("-", 1)[1])
+    if signum == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        name = signal.Signals(signum).name
+        assert code == 128 + signum, err
+        assert "Traceback" not in err
+        if wait_for == "checkpoint":
+            # The steps since the last periodic checkpoint are saved, not lost.
+            assert EVERY < stopped_after < STEPS and stopped_after % EVERY != 0, err
+            checkpoint = str(model_dir / f"ckpt-{stopped_after}")
+            assert f"interrupted by {name} at step {stopped_after}; saved checkpoint " \
+                   f"{checkpoint}. Resume with the same command:" in err
+            assert f"--model_dir={model_dir}" in err.splitlines()[-1]
+        else:
+            assert stopped_after == -1 and f"interrupted by {name}" in err
+
+    # The same command again (in this process: it is the same code, and spares a start-up).
+    standin_training.install(patch=monkeypatch.setattr)
+    capsys.readouterr()
+    assert cli_main(["max-deeplab", *_train_args(model_dir, records)]) == 0
+    if stopped_after >= 0:
+        assert f"restored model from {model_dir}/ckpt-{stopped_after}" in capsys.readouterr().out
+    assert _latest_step(model_dir) == STEPS
+    assert _saved_step(str(model_dir / f"ckpt-{STEPS}")) == STEPS
+    _no_temporaries(model_dir)
+
+
+@pytest.mark.slow
+def test_real_model_sigterm_saves_and_resumes(records, tmp_path):
+    """The same with the real tiny model (tiny.gin), as a user runs it: `python -m
+    max_deeplab train`, SIGTERM after the first checkpoint, then the printed command."""
+    model_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "max_deeplab", *_train_args(model_dir, records)]
+    args = [a.replace(f"--steps={STEPS}", "--steps=400").replace(
+        f"--checkpoint_every={EVERY}", "--checkpoint_every=2") for a in args]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    _wait_for(lambda: _latest_step(model_dir) >= 2, proc, "the first checkpoint", timeout=900)
+    time.sleep(1.0)
+    code, out, err = _interrupt(proc, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    stopped_after = _latest_step(model_dir)
+    assert stopped_after > 2 and "Traceback" not in err
+    assert f"saved checkpoint {model_dir}/ckpt-{stopped_after}" in err
+    assert _saved_step(str(model_dir / f"ckpt-{stopped_after}")) == stopped_after
+    assert "compiling the training step" in out and "np.float32" not in out
+    _no_temporaries(model_dir)
+    # The printed command, with fewer steps so that the rerun ends soon.
+    resume = shlex.split(err.strip().splitlines()[-1])
+    assert resume[:2] == ["max-deeplab", "train"]
+    finish = [a if not a.startswith("--steps=") else f"--steps={stopped_after + 2}"
+              for a in resume[2:]]
+    rerun = subprocess.run([sys.executable, "-m", "max_deeplab", "train", *finish],
+                           capture_output=True, text=True, env=_env(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"restored model from {model_dir}/ckpt-{stopped_after}" in rerun.stdout
+    assert _latest_step(model_dir) == stopped_after + 2
+    _no_temporaries(model_dir)

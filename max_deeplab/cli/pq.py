@@ -68,6 +68,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="Also print the per-class PQ / SQ / RQ table.")
     parser.add_argument("--noper_class", dest="per_class", action="store_false",
                         help="Same as --per_class=false.")
+    parser.add_argument("--verbose", type=_boolean, nargs="?", const=True, default=False,
+                        metavar="true|false",
+                        help="Accepted as by every verb; pq has no TensorFlow logs to show.")
     return parser
 
 

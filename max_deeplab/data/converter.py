@@ -184,6 +184,9 @@ def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix:
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     remove_stale_temporaries(output_prefix, log)
+    # TensorFlow (~5 s to import) is loaded before the conversion's clock starts.
+    from max_deeplab.data import tfrecord  # noqa: F401
+
     dataset = coco_format.load_coco_panoptic(annotations, images_dir, panoptic_dir)
     jobs = dataset.jobs
     if not jobs:
