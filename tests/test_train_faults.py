@@ -378,3 +378,46 @@ def test_interrupt_during_a_periodic_save_writes_that_checkpoint_whole(tmp_path,
     assert tf.train.latest_checkpoint(str(tmp_path / "run")) == str(tmp_path / "run" / "ckpt-6")
     reader = tf.train.load_checkpoint(str(tmp_path / "run" / "ckpt-6"))
     assert int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE")) == 6
+
+
+def test_input_checks_leave_tf_unconfigured(tmp_path, records):
+    """check_inputs runs before the distribution strategy is made: reading a checkpoint's
+    index and the shards' sizes must not start TF's eager context (a multi-worker strategy
+    could no longer configure its collectives). Checked in a fresh process, as in
+    test_cli_bad_input.test_start_up_checks_leave_tf_unconfigured."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "run"
+    _checkpoint(model_dir)
+    code = f"""
+import sys
+from absl import flags
+from max_deeplab.cli import train
+from max_deeplab.cli.flag_parsing import parse_flags
+import tensorflow as tf
+parse_flags(["train", "--model_dir", {str(model_dir)!r}, "--train_data", {records!r}])
+train.check_inputs({str(model_dir)!r}, "train", {{"initial_checkpoint": None}})
+tf.config.threading.set_inter_op_parallelism_threads(1)  # RuntimeError once initialised
+print("unconfigured")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0 and "unconfigured" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_evaluate_names_a_truncated_eval_shard(tmp_path, records, no_model_build, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(records), data)
+    shard = data / "train-00000-of-00002.tfrecord"
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    model_dir = tmp_path / "run"
+    _checkpoint(model_dir)
+    (model_dir / "config.gin").write_text("include 'tiny.gin'\n")
+    code = cli_main(["max-deeplab", "evaluate", "--model_dir", str(model_dir), "--eval_data",
+                     str(data / "train-*")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"TFRecord shard {shard} is 100 bytes" in err, err
