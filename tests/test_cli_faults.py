@@ -15,21 +15,6 @@ from max_deeplab.cli import import_checkpoint as import_cli
 from max_deeplab.cli import predict as predict_cli
 
 
-@pytest.fixture(scope="module")
-def standin_saved_model(tmp_path_factory) -> str:
-    """A SavedModel of the test stand-in model with the synthetic data set's categories."""
-    from test_export import StandIn
-
-    from max_deeplab.data.synthetic import categories_json
-    from max_deeplab.inference import export_saved_model
-
-    categories = categories_json()
-    export_dir = str(tmp_path_factory.mktemp("standin") / "export")
-    export_saved_model(StandIn(num_classes=len(categories), num_slots=12), export_dir,
-                       {"categories": categories}, input_size=(49, 65))
-    return export_dir
-
-
 def test_predict_skips_an_image_above_the_decompression_bomb_limit(standin_saved_model,
                                                                     tmp_path, capsys,
                                                                     monkeypatch):

@@ -98,21 +98,6 @@ def test_predict_cli_user_errors(tmp_path, capsys):
     assert code == 2 and "not a SavedModel" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def standin_saved_model(tmp_path_factory) -> str:
-    """A SavedModel of the test stand-in model with the synthetic data set's categories."""
-    from test_export import StandIn
-
-    from max_deeplab.data.synthetic import categories_json
-    from max_deeplab.inference import export_saved_model
-
-    categories = categories_json()
-    export_dir = str(tmp_path_factory.mktemp("standin") / "export")
-    export_saved_model(StandIn(num_classes=len(categories), num_slots=12), export_dir,
-                       {"categories": categories}, input_size=(49, 65))
-    return export_dir
-
-
 def test_predict_writes_nothing_when_no_image_is_readable(standin_saved_model, tmp_path,
                                                            capsys):
     from max_deeplab.cli import predict

@@ -35,20 +35,6 @@ def records(tmp_path_factory) -> str:
     return prefix + "-*"
 
 
-class ModelBuilt(Exception):
-    """Raised instead of building a model: the check under test must come first."""
-
-
-@pytest.fixture
-def no_model_build(monkeypatch):
-    import max_deeplab.model
-
-    def build_model(*args, **kwargs):
-        raise ModelBuilt
-
-    monkeypatch.setattr(max_deeplab.model, "build_model", build_model)
-
-
 def _checkpoint(directory) -> str:
     """A checkpoint prefix (with a 'checkpoint' state file) holding a few variables."""
     values = {"v": tf.Variable(tf.range(3000, dtype=tf.float32)),
