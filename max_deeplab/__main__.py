@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("max_deeplab.cli.evaluate", "PQ/SQ/RQ of the latest checkpoint in --model_dir"),
     "export": ("max_deeplab.cli.export", "checkpoint -> self-contained SavedModel (image in)"),
     "predict": ("max_deeplab.cli.predict", "run a SavedModel: overlays + COCO panoptic results"),
+    "overlay": ("max_deeplab.cli.overlay",
+                "draw COCO panoptic ground truth (and predictions beside it) over the photos"),
     "import-checkpoint": ("max_deeplab.cli.import_checkpoint",
                           "import a published deeplab2 MaX-DeepLab checkpoint"),
     "pretrain": ("max_deeplab.cli.pretrain", "ImageNet (TFDS) pretraining of the backbone"),

@@ -13,7 +13,7 @@ from max_deeplab.model import build_model
 
 ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS_DIR)
                      for p in glob.glob(os.path.join(CONFIGS_DIR, "**", "*.gin"), recursive=True))
-SMALL_CONFIGS = ["tiny.gin", "quickstart.gin", "reference_tiny.gin"]
+SMALL_CONFIGS = ["tiny.gin", "quickstart.gin", "reference_tiny.gin", "overfit_coco_samples.gin"]
 
 
 def test_configs_are_found():

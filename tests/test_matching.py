@@ -185,6 +185,45 @@ def test_auto_backend_picks_tf_under_tpu_strategy(monkeypatch):
     assert resolve_backend("auto") == "scipy"
 
 
+@pytest.mark.parametrize("shape", [(3, 0, 5), (2, 0, 0), (2, 4, 6)])
+def test_xla_tf_backend_with_sizes_unknown_when_traced(shape):
+    """Under XLA with a trace-time shape of [None, None, None] (R only known when the
+    program runs): R = 0 gives [B, 0] (it failed with "Slice dim size 1 greater than
+    dynamic slice dimension: 0"), other sizes the optimum."""
+    fn = tf.function(lambda c: hungarian_match(c, backend="tf"), jit_compile=True,
+                     input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+    cost = np.random.default_rng(5).random(shape).astype(np.float32)
+    out = fn(tf.constant(cost)).numpy()
+    assert out.shape == shape[:2]
+    _check_optimal(cost, out, np.ones(shape[:2], bool), rtol=1e-6)
+
+
+def test_auto_backend_is_tf_inside_any_xla_compilation():
+    """"auto" is the pure-TF matcher wherever the step is compiled by XLA (TPU or
+    `jit_compile=True` on CPU/GPU: scipy's host call cannot be compiled), scipy elsewhere."""
+    seen = {}
+
+    def record(name):
+        def fn(c):
+            seen[name] = resolve_backend("auto")
+            return hungarian_match(c, backend="auto")
+        return fn
+
+    cost = np.random.default_rng(2).random((2, 3, 5)).astype(np.float32)
+    outs = {"eager": record("eager")(tf.constant(cost)),
+            "graph": tf.function(record("graph"))(tf.constant(cost)),
+            "xla": tf.function(record("xla"), jit_compile=True)(tf.constant(cost))}
+    assert seen == {"eager": "scipy", "graph": "scipy", "xla": "tf"}
+    for out in outs.values():
+        _check_optimal(cost, out.numpy(), np.ones((2, 3), bool), rtol=1e-6)
+
+
+def test_scipy_backend_inside_xla_is_a_clear_error():
+    fn = tf.function(lambda c: hungarian_match(c, backend="scipy"), jit_compile=True)
+    with pytest.raises(ValueError, match=r"'scipy'.*XLA.*'auto' or 'tf'"):
+        fn(tf.zeros([1, 2, 3]))
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         hungarian_match(tf.zeros([1, 2, 2]), backend="cuda")

@@ -77,7 +77,10 @@ def test_predict_cli_outputs_accepted_by_reference_evaluator(tmp_path, capsys):
     assert len(overlays) == 3
     ov = np.asarray(Image.open(overlays[0]))
     img = np.asarray(Image.open(data / "train" / (os.path.basename(overlays[0])[:-4] + ".jpg")))
-    assert ov.shape == img.shape and np.abs(ov.astype(int) - img).mean() > 5  # drawn on
+    # The photo part is aligned with the image and drawn on; the legend strip is below it.
+    h = img.shape[0]
+    assert ov.shape[1:] == img.shape[1:] and ov.shape[0] > h
+    assert np.abs(ov[:h].astype(int) - img).mean() > 5
 
     results = reference_pq({"gt_json": str(data / "annotations" / "panoptic_train.json"),
                             "gt_dir": str(data / "panoptic_train"),

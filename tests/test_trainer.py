@@ -173,7 +173,7 @@ def _run(model_dir, mode="train", steps=6, nan_from_step=None, **options):
     return run_experiment(
         mode=mode, model_dir=str(model_dir), strategy=tf.distribute.OneDeviceStrategy("/cpu:0"),
         model_fn=lambda: (lambda m: (m(tf.zeros([1, H, W, 3])), m)[1])(StandIn()),
-        loss_fn_factory=lambda strategy: standin_loss,
+        loss_fn=standin_loss,
         # A fixed schedule length, so that runs stopped at different steps share it.
         optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
         train_dataset_fn=lambda ctx, batch: dataset_fn(batch, nan_from_step)(ctx),
@@ -281,6 +281,82 @@ def test_initial_checkpoint_partial_and_no_match(tmp_path):
     other = tf.train.Checkpoint(unrelated=tf.Variable([1.0])).save(str(tmp_path / "other"))
     with pytest.raises(ValueError, match="no variable matching"):
         load_initial_checkpoint(target, other)
+
+
+def _pretrained_standin(path) -> tuple[str, list[np.ndarray]]:
+    """A checkpoint of a stand-in whose kernels are far from the initialisation every
+    stand-in gets (its initialisers are seeded): negated; the zero biases become 0.5."""
+    source = StandIn()
+    source(tf.zeros([1, H, W, 3]))
+    for variable in source.trainable_variables:
+        variable.assign(-variable if "kernel" in variable.name else variable + 0.5)
+    prefix = tf.train.Checkpoint(model=source).save(str(path))
+    return prefix, [v.numpy() for v in source.trainable_variables]
+
+
+def _run_capturing(model_dir, steps, **options):
+    """`_run`, returning the run's model and optimiser."""
+    built = {}
+
+    def model_fn():
+        built["model"] = StandIn()
+        built["model"](tf.zeros([1, H, W, 3]))
+        return built["model"]
+
+    def optimizer_fn(total):
+        built["optimizer"] = build_optimizer(100, base_learning_rate=1e-3)
+        return built["optimizer"]
+
+    run_experiment(
+        mode="train", model_dir=str(model_dir),
+        strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
+        loss_fn=standin_loss, optimizer_fn=optimizer_fn,
+        train_dataset_fn=lambda ctx, batch: dataset_fn(batch)(ctx),
+        options=dict(total_steps=steps, train_batch_size=2, checkpoint_every=2,
+                     steps_per_loop=2, **options),
+        print_fn=lambda line: None)
+    return built["model"], built["optimizer"]
+
+
+@pytest.mark.parametrize("scope", ["all", "backbone"])
+def test_lookahead_starts_from_the_initial_checkpoint(tmp_path, scope):
+    """The slow weights are the loaded weights, not the random initialisation the optimiser
+    was built on: before the first synchronisation (k = 6) they equal the checkpoint, and
+    after it the model stays near the checkpoint (it was pulled halfway back to random)."""
+    prefix, loaded = _pretrained_standin(tmp_path / "pre" / "ckpt")
+    model, optimizer = _run_capturing(tmp_path / "run4", 4, initial_checkpoint=prefix,
+                                      initial_checkpoint_scope=scope)
+    # "backbone" loads the stand-in's `encoder` only; its head keeps its random start.
+    count = 2 if scope == "backbone" else 4
+    for variable, value in list(zip(model.trainable_variables, loaded, strict=True))[:count]:
+        np.testing.assert_array_equal(optimizer.slow_weight(variable).numpy(), value,
+                                      err_msg=variable.name)
+    model, _ = _run_capturing(tmp_path / "run8", 8, initial_checkpoint=prefix,
+                              initial_checkpoint_scope=scope)
+    for variable, value in list(zip(model.trainable_variables, loaded, strict=True))[:count]:
+        # Eight steps of learning rate 1e-3 move the weights by ~0.1 of the distance between
+        # the checkpoint and the random start; halfway back to the start would be 0.5.
+        start = -value if "kernel" in variable.name else value - 0.5
+        moved = np.linalg.norm(variable.numpy() - value)
+        assert 0 < moved < 0.25 * np.linalg.norm(value - start), variable.name
+
+
+def test_lookahead_starts_from_a_checkpoint_without_optimizer_state(tmp_path):
+    """A model directory whose checkpoint holds only the model (e.g. `import-checkpoint`'s
+    output) is resumed with slow weights equal to the restored weights."""
+    _, loaded = _pretrained_standin(tmp_path / "run" / "ckpt")
+    model, optimizer = _run_capturing(tmp_path / "run", 4)
+    for variable, value in zip(model.trainable_variables, loaded, strict=True):
+        np.testing.assert_array_equal(optimizer.slow_weight(variable).numpy(), value)
+
+
+def test_resume_restores_the_checkpointed_slow_weights(tmp_path):
+    prefix, _ = _pretrained_standin(tmp_path / "pre" / "ckpt")
+    full, _ = _run_capturing(tmp_path / "full", 10, initial_checkpoint=prefix)
+    _run_capturing(tmp_path / "split", 4, initial_checkpoint=prefix)
+    split, _ = _run_capturing(tmp_path / "split", 10, initial_checkpoint=prefix)
+    for a, b in zip(full.trainable_variables, split.trainable_variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_targets_to_panoptic():
@@ -456,7 +532,7 @@ def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
         run_experiment(
             mode="train", model_dir=str(tmp_path),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
-            loss_fn_factory=lambda strategy: standin_loss,
+            loss_fn=standin_loss,
             optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
             train_dataset_fn=lambda ctx, batch: dataset_fn(batch, None)(ctx),
             options=dict(total_steps=2, mixed_precision="bfloat16"), print_fn=lambda line: None)
@@ -465,7 +541,7 @@ def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
     assert tfk.mixed_precision.global_policy().name == before == "float32"
     with pytest.raises(ValueError, match="mixed_precision must be 'bfloat16'"):
         run_experiment(mode="train", model_dir=str(tmp_path), strategy=None, model_fn=model_fn,
-                       loss_fn_factory=None, optimizer_fn=None,
+                       loss_fn=None, optimizer_fn=None,
                        options=dict(mixed_precision="float16"))
 
 
@@ -490,7 +566,7 @@ def test_images_of_another_size_than_the_model_are_an_error(tmp_path):
         return run_experiment(
             mode="train", model_dir=str(model_dir),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
-            loss_fn_factory=lambda strategy: standin_loss,
+            loss_fn=standin_loss,
             optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
             train_dataset_fn=data_fn(width),
             options=dict(total_steps=1, train_batch_size=2, checkpoint_every=1),

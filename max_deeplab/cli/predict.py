@@ -3,7 +3,8 @@
     max-deeplab predict --saved_model DIR --images GLOB --output_dir DIR [--images_json F]
 
 Writes, in --output_dir:
-  overlays/<name>.png     segments blended over the image, boundaries, class names
+  overlays/<name>.png     segments blended over the image, boundaries, class names, and
+                          a legend of the classes present below the image
   panoptic/<name>.png     COCO panoptic PNG (segment id = R + 256 G + 256² B)
   predictions.json        COCO panoptic results: {"annotations": [{"image_id",
                           "file_name", "segments_info": [...]}], "categories": [...]}

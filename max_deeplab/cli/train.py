@@ -62,6 +62,9 @@ flags.DEFINE_boolean("jit_compile", None, "Compile each step with XLA (single re
                      allow_override=True)
 flags.DEFINE_enum("mixed_precision", None, ["bfloat16"], "Mixed precision (TPU).",
                   allow_override=True)
+flags.DEFINE_integer("seed", None, "Make the run reproducible: model initialisation, data "
+                     "order and augmentation, drop-path masks (experiment_options.seed).",
+                     lower_bound=0, allow_override=True)
 
 _ = gin_flags  # --gin_file / --gin_bindings
 
@@ -173,7 +176,7 @@ def _bind_flag_overrides() -> None:
     for key, value in (("total_steps", FLAGS.steps), ("checkpoint_every", FLAGS.checkpoint_every),
                        ("initial_checkpoint", FLAGS.initial_checkpoint),
                        ("jit_compile", FLAGS.jit_compile),
-                       ("mixed_precision", FLAGS.mixed_precision)):
+                       ("mixed_precision", FLAGS.mixed_precision), ("seed", FLAGS.seed)):
         if value is not None:
             gin.bind_parameter(f"experiment_options.{key}", value)
 
@@ -351,7 +354,6 @@ def _run(strategy_name: str, options: dict):
     from max_deeplab.training import build_optimizer
     from max_deeplab.training.experiment import (
         create_strategy,
-        matching_backend_for,
         run_experiment,
         worker_write_dir,
     )
@@ -381,7 +383,7 @@ def _run(strategy_name: str, options: dict):
 
         return lambda input_context, global_batch_size: build_dataset(
             pattern, is_training=is_training, global_batch_size=global_batch_size,
-            input_context=input_context)
+            input_context=input_context, seed=options["seed"])
 
     def postprocess_fn(outputs, image_size):
         return inference.postprocess(outputs, is_thing=is_thing, image_size=image_size,
@@ -390,8 +392,7 @@ def _run(strategy_name: str, options: dict):
     return run_experiment(
         mode=FLAGS.mode, model_dir=FLAGS.model_dir, strategy=strategy,
         model_fn=model.build_model,
-        loss_fn_factory=lambda s: losses.MaXDeepLabLoss(
-            matching_backend=matching_backend_for(s)),
+        loss_fn=losses.MaXDeepLabLoss(),
         optimizer_fn=lambda total_steps: build_optimizer(total_steps),
         train_dataset_fn=dataset_fn(FLAGS.train_data, True),
         eval_dataset_fn=dataset_fn(FLAGS.eval_data, False),

@@ -12,6 +12,7 @@ normalisation maps to 0); label pixels take -1 (void).
 """
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -88,17 +89,30 @@ def resize_window(image: tf.Tensor, panoptic: tf.Tensor, size: tf.Tensor,
     return image, label
 
 
-def random_window_offset(size: tf.Tensor, crop_size: Sequence[int]) -> tf.Tensor:
+def random_scalar(seed: tf.Tensor | None, draw: int, minval=0.0, maxval=1.0,
+                  dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """A uniform scalar in [minval, maxval): draw number `draw` of an example whose
+    augmentation seed is `seed` (int64 [2]; stateless, so the same whatever the order in
+    which parallel map calls run), or from TF's stateful generator when `seed` is None."""
+    if seed is None:
+        return tf.random.uniform([], minval, maxval, dtype=dtype)
+    return tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(seed, draw), minval, maxval, dtype=dtype)
+
+
+def random_window_offset(size: tf.Tensor, crop_size: Sequence[int],
+                         seed: tf.Tensor | None = None) -> tf.Tensor:
     """Random crop of the resized image; sides shorter than the crop sit at a random place.
 
     Same distribution as padding to ``max(size, crop)`` at a random offset and then taking
     a random crop: returns the resized-image index of the window's first row / column.
+    `seed`: as for `random_scalar` (draws 1-4).
     """
     crop = tf.constant(crop_size, tf.int32)
     padded = tf.maximum(size, crop)
-    before = tf.stack([tf.random.uniform([], 0, padded[a] - size[a] + 1, dtype=tf.int32)
+    before = tf.stack([random_scalar(seed, 1 + a, 0, padded[a] - size[a] + 1, tf.int32)
                        for a in range(2)])
-    start = tf.stack([tf.random.uniform([], 0, padded[a] - crop[a] + 1, dtype=tf.int32)
+    start = tf.stack([random_scalar(seed, 3 + a, 0, padded[a] - crop[a] + 1, tf.int32)
                       for a in range(2)])
     return start - before
 
@@ -174,18 +188,21 @@ def panoptic_to_targets(panoptic: tf.Tensor, k_max: int, is_thing: Sequence[bool
 
 def preprocess_train(example: dict[str, tf.Tensor], crop_size: Sequence[int], min_scale: float,
                      max_scale: float, k_max: int, is_thing: Sequence[bool], label_divisor: int,
-                     pad_value: float = 127.5, flip_probability: float = 0.5
-                     ) -> dict[str, tf.Tensor]:
-    """Random fit-resize-scale, pad/crop and flip of one decoded example -> targets."""
+                     pad_value: float = 127.5, flip_probability: float = 0.5,
+                     seed: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """Random fit-resize-scale, pad/crop and flip of one decoded example -> targets.
+
+    `seed`: the example's augmentation seed (int64 [2]): the augmentation is a function of
+    it alone. None: TF's stateful random ops."""
     panoptic = example["panoptic"]
     shape = tf.shape(panoptic)
-    scale = fit_scale(shape[0], shape[1], crop_size) * tf.random.uniform(
-        [], min_scale, max_scale)
+    scale = fit_scale(shape[0], shape[1], crop_size) * random_scalar(
+        seed, 0, min_scale, max_scale)
     size = scaled_size(shape[0], shape[1], scale)
-    offset = random_window_offset(size, crop_size)
+    offset = random_window_offset(size, crop_size, seed)
     image, panoptic = resize_window(example["image"], panoptic, size, crop_size, offset,
                                     pad_value)
-    flip = tf.random.uniform([]) < flip_probability
+    flip = random_scalar(seed, 5) < flip_probability
     image, panoptic = flip_left_right(image, panoptic, flip)
     image = tf.ensure_shape(image, [crop_size[0], crop_size[1], 3])
     panoptic = tf.ensure_shape(panoptic, list(crop_size))
@@ -235,7 +252,8 @@ def build_dataset(file_pattern: str,
                   eval_label_size: Sequence[int] | None = None,
                   drop_remainder: bool | None = None,
                   repeat: bool | None = None,
-                  tfds_data_dir: str | None = None) -> tf.data.Dataset:
+                  tfds_data_dir: str | None = None,
+                  seed: int | None = None) -> tf.data.Dataset:
     """Batches of the DESIGN.md §4 targets from TFRecord shards of `max-deeplab convert`.
 
     Args:
@@ -256,6 +274,10 @@ def build_dataset(file_pattern: str,
         for fixed-shape TPU batches); default pads to the largest image in each batch.
       drop_remainder, repeat: default True for training, False for evaluation.
       tfds_data_dir: TFDS ``data_dir`` for ``tfds:`` sources.
+      seed: makes training data reproducible: the file and record shuffles are seeded,
+        records are read and mapped in a fixed order, and each example's augmentation is
+        drawn from (seed, input pipeline, its position in the stream). None: unseeded (and
+        the parallel reads may reorder records, which is a little faster).
 
     Returns:
       A dataset of dicts: ``image`` float32 [B, H, W, 3] in [0, 255], ``segment_ids`` int32
@@ -273,6 +295,9 @@ def build_dataset(file_pattern: str,
     repeat = is_training if repeat is None else repeat
     num_pipelines = input_context.num_input_pipelines if input_context is not None else 1
     pipeline_id = input_context.input_pipeline_id if input_context is not None else 0
+    # Reads in a fixed order where the order matters: evaluation, and seeded training.
+    ordered = not is_training or seed is not None
+    shuffle_seed = None if seed is None else int(seed) * 1009 + pipeline_id
 
     if file_pattern.startswith("tfds:"):
         from max_deeplab.data.tfds_source import load_tfds_panoptic
@@ -281,7 +306,8 @@ def build_dataset(file_pattern: str,
         if len(parts) != 3:
             raise ValueError(f"TFDS source must read 'tfds:<name>:<split>', got {file_pattern!r}")
         decoded, tfds_metadata = load_tfds_panoptic(parts[1], parts[2], data_dir=tfds_data_dir,
-                                                    shuffle_files=is_training)
+                                                    shuffle_files=is_training,
+                                                    shuffle_seed=shuffle_seed)
         metadata = metadata or tfds_metadata
         if num_pipelines > 1:
             decoded = decoded.shard(num_pipelines, pipeline_id)
@@ -293,28 +319,35 @@ def build_dataset(file_pattern: str,
         if num_pipelines > 1 and not shard_records:
             dataset = dataset.shard(num_pipelines, pipeline_id)
         if is_training:
-            dataset = dataset.shuffle(len(files), reshuffle_each_iteration=True)
+            dataset = dataset.shuffle(len(files), seed=shuffle_seed,
+                                      reshuffle_each_iteration=True)
         dataset = dataset.interleave(
             tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=not is_training)
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
         if shard_records:
             dataset = dataset.shard(num_pipelines, pipeline_id)
         decoded = dataset.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=not is_training)
+                              deterministic=ordered)
 
     is_thing = metadata_lib.is_thing_table(metadata)
     label_divisor = int(metadata["label_divisor"])
     if is_training:
-        decoded = decoded.shuffle(shuffle_buffer_size) if shuffle_buffer_size > 1 else decoded
+        if shuffle_buffer_size > 1:
+            decoded = decoded.shuffle(shuffle_buffer_size, seed=shuffle_seed)
         if repeat:
             decoded = decoded.repeat()
+        # Each example's augmentation seed: (run seed and pipeline, position in the stream).
+        stream_seed = (random.SystemRandom().getrandbits(31) if seed is None
+                       else int(seed)) * 1009 + pipeline_id
 
-        def transform(example):
+        def transform(position, example):
             return preprocess_train(example, crop_size, min_scale, max_scale, k_max, is_thing,
-                                    label_divisor, pad_value, flip_probability)
+                                    label_divisor, pad_value, flip_probability,
+                                    seed=tf.stack([tf.constant(stream_seed, tf.int64),
+                                                   position]))
 
-        dataset = decoded.map(transform, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=False)
+        dataset = decoded.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE,
+                                          deterministic=ordered)
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     else:
         if repeat:

@@ -90,9 +90,12 @@ def load_tfds_panoptic(name: str = "coco/2017_panoptic", split: str = "train",
                        data_dir: str | None = None, shuffle_files: bool = False,
                        annotations_json: str | None = None,
                        label_divisor: int = DEFAULT_LABEL_DIVISOR,
-                       metadata: dict[str, Any] | None = None
+                       metadata: dict[str, Any] | None = None,
+                       shuffle_seed: int | None = None
                        ) -> tuple[tf.data.Dataset, dict[str, Any]]:
     """(dataset of `decode_example` dicts, metadata) from a prepared TFDS panoptic builder.
+
+    `shuffle_seed` seeds the file shuffle (`shuffle_files`), for reproducible runs.
 
     `metadata` (e.g. `load_metadata` of a converted copy of the same data) overrides the
     one derived from the builder and `annotations_json`.
@@ -106,7 +109,8 @@ def load_tfds_panoptic(name: str = "coco/2017_panoptic", split: str = "train",
     label_divisor = int(metadata["label_divisor"])
     is_thing = tf.constant(metadata_lib.is_thing_table(metadata), tf.bool)
     dataset = tfds.load(name, split=split, data_dir=data_dir, download=False,
-                        shuffle_files=shuffle_files)
+                        shuffle_files=shuffle_files,
+                        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
     dataset = dataset.map(lambda ex: tfds_example_to_decoded(ex, is_thing, label_divisor),
                           num_parallel_calls=tf.data.AUTOTUNE)
     return dataset, metadata

@@ -64,3 +64,39 @@ def panoptic_to_coco(panoptic: np.ndarray, table: Mapping[str, Any],
             info["score"] = float(segment_scores[instance - 1])
         infos.append(info)
     return ids, infos
+
+
+def coco_to_panoptic(ids: np.ndarray, segments_info: Sequence[Mapping[str, Any]],
+                     table: Mapping[str, Any]) -> np.ndarray:
+    """A COCO segment-id map and its segments_info -> a panoptic map in `table`'s encoding
+    (the inverse of `panoptic_to_coco`, e.g. to draw ground truth like predictions).
+
+    Label = contiguous class + ``label_offset``; thing segments (crowd ones included) are
+    numbered 1, 2, ... per class in segments_info order, stuff segments get instance 0;
+    pixels of id 0 or of an unlisted id are ``void_label``.
+
+    Raises:
+      ValueError: a segment's category_id is not in ``table["category_ids"]``, or a class
+        has more thing segments than the label divisor can number.
+    """
+    divisor = int(table["label_divisor"])
+    offset = int(table["label_offset"])
+    contiguous_of = {int(c): k for k, c in enumerate(table["category_ids"])}
+    isthing = list(table["isthing"])
+    ids = np.asarray(ids)
+    panoptic = np.full(ids.shape, int(table.get("void_label", 0)), np.int64)
+    count: dict[int, int] = {}
+    for segment in segments_info:
+        category = int(segment["category_id"])
+        if category not in contiguous_of:
+            raise ValueError(f"segment {segment.get('id')} has category_id {category}, which "
+                             f"is not among the {len(contiguous_of)} categories")
+        contiguous = contiguous_of[category]
+        instance = 0
+        if isthing[contiguous]:
+            instance = count[contiguous] = count.get(contiguous, 0) + 1
+            if instance >= divisor:
+                raise ValueError(f"more than {divisor - 1} segments of category_id "
+                                 f"{category}: raise the label divisor")
+        panoptic[ids == int(segment["id"])] = (contiguous + offset) * divisor + instance
+    return panoptic

@@ -35,7 +35,16 @@ class BlockGroup(tfk.layers.Layer):
       use_axial_beyond_stride: axial attention P2P at strides >= this (0: never).
       use_transformer_beyond_stride: dual-path transformer at strides >= this (0: never).
       transformer_expansion: width multiplier of the transformer (filters = 128 * it).
-      drop_path_keep_prob: keep probability at stride >= drop_path_beyond_stride (paper 0.8).
+      drop_path_keep_prob: keep probability of the residual branches (and the dual-path
+        transformer's) at nominal stride >= drop_path_beyond_stride: the paper's drop path
+        rate 0.2 is keep 0.8.
+      drop_path_beyond_stride: the first nominal stride whose blocks drop paths (paper: 16;
+        MaX-DeepLab-L's config: 4, as the reference's). A block's stride here is the one at
+        its input: the first, striding block of a stage counts at the previous stride.
+      drop_path_schedule: "constant" (default; the paper's single rate for every such
+        block) or "linear" (the reference implementation's option: the rate grows with
+        depth, keep 0.95 / 0.9 / 0.85 / 0.8 at stride 4 / 8 / 16 / 32 for keep 0.8; see
+        `drop_path.constant_or_linear_keep_prob`).
       attention_bottleneck_expansion: width of an axial block's 1x1 convs vs `filters`.
     """
 
@@ -85,7 +94,8 @@ class BlockGroup(tfk.layers.Layer):
             setattr(self, f"_block{index + 1}", ResidualBlock(
                 filters_list, f"block{index + 1}", strides=strides, atrous_rate=atrous_rate,
                 attention_type=attention_type, drop_path_keep_prob=keep_prob,
-                activation=activation, axial_layer_config=axial_layer_config,
+                drop_path_site=f"{name}/block{index + 1}", activation=activation,
+                axial_layer_config=axial_layer_config,
                 basic_block_second_conv_atrous_rate=second_rate, bn_layer=bn_layer))
             if first and original_resnet_stride > 1:
                 current_stride *= original_resnet_stride
@@ -94,6 +104,7 @@ class BlockGroup(tfk.layers.Layer):
                 transformer = DualPathTransformerBlock(
                     name=f"block{index + 1}_transformer",
                     filters=int(128 * transformer_expansion), drop_path_keep_prob=keep_prob,
+                    drop_path_site=f"{name}/block{index + 1}_transformer",
                     activation=activation, bn_layer=bn_layer,
                     **(dual_path_transformer_config or {}))
             setattr(self, f"_block{index + 1}_transformer", transformer)

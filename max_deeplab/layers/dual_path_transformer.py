@@ -74,6 +74,8 @@ class DualPathTransformerBlock(tfk.layers.Layer):
       use_memory_self_attention: M2M on/off (ablation "w/o M2M").
       use_pixel2memory_feedback_attention: P2M on/off (ablation "w/o P2M").
       drop_path_keep_prob: keep probability of each residual branch during training.
+      drop_path_site: the block's name in the network, which keys its drop-path masks
+        (see `drop_path`); default: the layer name.
 
     Call: ((pixels [b, HW, Cp] pre-activation, memory [b, N, Cm])) ->
       (pixels, activated pixels, memory).
@@ -84,7 +86,8 @@ class DualPathTransformerBlock(tfk.layers.Layer):
                  value_expansion: float = 2, feed_forward_network_channels: int = 2048,
                  use_memory_self_attention: bool = True,
                  use_pixel2memory_feedback_attention: bool = True,
-                 drop_path_keep_prob: float = 1.0, activation: str = "relu",
+                 drop_path_keep_prob: float = 1.0, drop_path_site: str | None = None,
+                 activation: str = "relu",
                  bn_layer: BatchNormFactory = tfk.layers.BatchNormalization):
         super().__init__(name=name)
         bottleneck = int(round(filters * bottleneck_expansion))
@@ -99,6 +102,7 @@ class DualPathTransformerBlock(tfk.layers.Layer):
         self._use_p2m = use_pixel2memory_feedback_attention
         self._ffn_channels = feed_forward_network_channels
         self._drop_path_keep_prob = drop_path_keep_prob
+        self._drop_path_site = drop_path_site or name
         self._activation = activation
         self._activation_fn = get_activation(activation)
         self._bn_layer = bn_layer
@@ -148,9 +152,10 @@ class DualPathTransformerBlock(tfk.layers.Layer):
                                             bn_gamma_initializer="zeros")
         super().build(input_shapes)
 
-    def _maybe_drop(self, x: tf.Tensor, training: bool | None) -> tf.Tensor:
+    def _maybe_drop(self, x: tf.Tensor, training: bool | None, branch: str) -> tf.Tensor:
         if training and self._drop_path_keep_prob < 1.0:
-            return x * drop_path_mask(x, self._drop_path_keep_prob)
+            return x * drop_path_mask(x, self._drop_path_keep_prob,
+                                      f"{self._drop_path_site}/{branch}")
         return x
 
     def call(self, inputs, training: bool | None = None, return_attention_weights: bool = False):
@@ -194,11 +199,12 @@ class DualPathTransformerBlock(tfk.layers.Layer):
         memory_update, memory_weights = self._memory_attention(
             (memory_query, key, value), training=training, return_weights=True)
         memory_update = self._maybe_drop(self._memory_conv3_bn(memory_update, training=training),
-                                         training)
+                                         training, "memory_attention")
         memory_output = self._activation_fn(memory_input + memory_update)
         if self._ffn_channels > 0:
             ffn = self._memory_ffn_conv1_bn_act(memory_output, training=training)
-            ffn = self._maybe_drop(self._memory_ffn_conv2_bn(ffn, training=training), training)
+            ffn = self._maybe_drop(self._memory_ffn_conv2_bn(ffn, training=training), training,
+                                   "memory_ffn")
             memory_output = self._activation_fn(memory_output + ffn)
 
         weights = {"memory": memory_weights}
@@ -207,7 +213,7 @@ class DualPathTransformerBlock(tfk.layers.Layer):
                 (pixel_query, memory_key, memory_value), training=training, return_weights=True)
             weights["pixel"] = pixel_weights
             pixel_update = self._maybe_drop(self._pixel_conv3_bn(pixel_update, training=training),
-                                            training)
+                                            training, "pixel_attention")
             pixel_output = pixel_input + pixel_update
         else:
             pixel_output = pixel_input

@@ -28,14 +28,16 @@ class ResidualBlock(tfk.layers.Layer):
         output stride).
       attention_type: None for convolution, 'axial' for 2-D axial attention (P2P).
       drop_path_keep_prob: keep probability of the residual branch during training.
+      drop_path_site: the block's name in the network, which keys its drop-path masks
+        (see `drop_path`); default: the layer name.
       axial_layer_config: keyword arguments of `AxialAttention2D`.
       basic_block_second_conv_atrous_rate: dilation of a basic block's second 3x3 conv.
     """
 
     def __init__(self, filters_list: list[int], name: str, *, strides: int = 1,
                  atrous_rate: int = 1, attention_type: str | None = None,
-                 drop_path_keep_prob: float = 1.0, activation: str = "relu",
-                 axial_layer_config: dict | None = None,
+                 drop_path_keep_prob: float = 1.0, drop_path_site: str | None = None,
+                 activation: str = "relu", axial_layer_config: dict | None = None,
                  basic_block_second_conv_atrous_rate: int | None = None,
                  bn_layer: BatchNormFactory = tfk.layers.BatchNormalization):
         super().__init__(name=name)
@@ -43,6 +45,7 @@ class ResidualBlock(tfk.layers.Layer):
         self._strides = strides
         self._attention_type = attention_type
         self._drop_path_keep_prob = drop_path_keep_prob
+        self._drop_path_site = drop_path_site or name
         self._bn_layer = bn_layer
         self._activation_fn = get_activation(activation)
         if basic_block_second_conv_atrous_rate is None:
@@ -99,6 +102,6 @@ class ResidualBlock(tfk.layers.Layer):
         else:
             y = self._conv2_bn(self._conv1_bn_act(x, training=training), training=training)
         if training and self._drop_path_keep_prob < 1.0:
-            y = y * drop_path_mask(y, self._drop_path_keep_prob)
+            y = y * drop_path_mask(y, self._drop_path_keep_prob, self._drop_path_site)
         y = y + shortcut
         return y, self._activation_fn(y)

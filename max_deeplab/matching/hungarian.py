@@ -7,7 +7,11 @@ rectangular linear assignment problem (K ≤ N). Two exact backends share one in
 * ``"scipy"``: `scipy.optimize.linear_sum_assignment` on the host through `tf.numpy_function`
   (fast on CPU/GPU; not XLA-compilable).
 * ``"tf"``: a pure-TensorFlow shortest-augmenting-path solver compiled by XLA (TPU steps).
-* ``"auto"``: ``"tf"`` under a `TPUStrategy`, else ``"scipy"``.
+* ``"auto"``: ``"tf"`` wherever the calling code is being compiled by XLA (a `TPUStrategy`
+  step, or any `tf.function(jit_compile=True)`, e.g. `max-deeplab train --jit_compile`),
+  else ``"scipy"``. The choice is made here, when the matcher is traced, and nowhere else:
+  the loss passes its configured backend (gin `MaXDeepLabLoss.matching_backend`, default
+  ``"auto"``) through unchanged, so an explicit binding always wins.
 """
 
 from __future__ import annotations
@@ -33,12 +37,35 @@ def _under_tpu_strategy() -> bool:
     return bool(tpu_types) and isinstance(strategy, tpu_types)
 
 
+def _in_xla_compilation() -> bool:
+    """Whether the graph being traced is compiled by XLA (jit_compile or a TPU step)."""
+    if tf.executing_eagerly():
+        return False
+    try:  # not a public API; without it only TPU steps count as XLA
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - depends on the TF version
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 def resolve_backend(backend: str) -> str:
-    """Maps ``"auto"`` to the concrete backend for the current distribution strategy."""
+    """Maps ``"auto"`` to the concrete backend where the matcher is being traced: ``"tf"``
+    inside an XLA compilation (TPU, `jit_compile=True`), else ``"scipy"``.
+
+    Raises:
+      ValueError: unknown backend, or ``"scipy"`` inside an XLA compilation (its host call
+        cannot be compiled).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"hungarian_match: backend must be one of {BACKENDS}, got {backend!r}")
+    xla = _under_tpu_strategy() or _in_xla_compilation()
     if backend == "auto":
-        return "tf" if _under_tpu_strategy() else "scipy"
+        return "tf" if xla else "scipy"
+    if backend == "scipy" and xla:
+        raise ValueError(
+            "hungarian_match: backend 'scipy' (a host call) cannot run inside an XLA-compiled "
+            "step (TPU or --jit_compile); bind MaXDeepLabLoss.matching_backend = 'auto' or "
+            "'tf'")
     return backend
 
 
@@ -54,7 +81,8 @@ def hungarian_match(
         Must be finite on valid rows; NaN/Inf raise `tf.errors.InvalidArgumentError` in
         eager and graph mode. Under XLA (`jit_compile=True`), where assertions are dropped,
         the ``"tf"`` backend instead returns -1 for every row of an affected batch element.
-      backend: ``"scipy"``, ``"tf"`` or ``"auto"`` (``"tf"`` under `TPUStrategy`, else scipy).
+      backend: ``"scipy"``, ``"tf"`` or ``"auto"`` (``"tf"`` inside an XLA compilation,
+        else scipy; see `resolve_backend`).
       row_valid: bool [B, R] marking real rows (None: all valid). Invalid (padded) rows get -1
         and do not influence the assignment of the valid rows.
 
@@ -63,7 +91,8 @@ def hungarian_match(
       invalid rows.
 
     Raises:
-      ValueError: unknown backend, wrong rank, or more rows than columns.
+      ValueError: unknown backend, ``"scipy"`` under XLA, wrong rank, or more rows than
+        columns.
     """
     backend = resolve_backend(backend)
     # The assignment is piecewise constant in the costs: no gradient, and stopping it keeps

@@ -59,6 +59,15 @@ def linear_sum_assignment_tf(
     if row_valid is None:
         row_valid = tf.ones([batch, num_rows], tf.bool)
     row_valid = tf.cast(row_valid, tf.bool)
+    result_rows = num_rows
+    if not isinstance(num_rows, int):
+        # R is known only when the program runs, and may be 0 then: XLA compiles the loop
+        # body (which slices row i) even when it never runs, and rejects a slice of a
+        # zero-row tensor. One padding row that is never inserted keeps every slice valid;
+        # its (-1) result is cut off at the end.
+        cost = tf.pad(cost, [[0, 0], [0, 1], [0, 0]])
+        row_valid = tf.pad(row_valid, [[0, 0], [0, 1]])
+        num_rows = num_rows + 1
 
     # Non-finite costs on valid rows poison the whole batch element: mark it bad, zero its
     # costs (so the loops below stay finite and terminate) and return -1 for it at the end.
@@ -161,6 +170,9 @@ def linear_sum_assignment_tf(
     # Invert column->row into row->column.
     owner = p[:, :num_cols]
     hits = tf.equal(owner[:, :, None], tf.range(num_rows, dtype=tf.int32)[None, None, :])
-    col = tf.argmax(tf.cast(hits, tf.int32), axis=1, output_type=tf.int32)  # [B, R]
+    # A row is owned by at most one column: the sum picks it (and, unlike an argmax, is
+    # defined when C = 0, which XLA may only learn when the program runs).
+    col = tf.reduce_sum(tf.cast(hits, tf.int32) * tf.range(num_cols)[None, :, None],
+                        axis=1)  # [B, R]
     assigned = tf.reduce_any(hits, axis=1) & row_valid & element_ok[:, None]
-    return tf.where(assigned, col, -tf.ones_like(col))
+    return tf.where(assigned, col, -tf.ones_like(col))[:, :result_rows]

@@ -9,6 +9,7 @@ import tf_keras as tfk
 
 from max_deeplab.layers.convolutions import BatchNormFactory, ConvBN, SeparableConvBlock
 from max_deeplab.layers.resized_fuse import resize_align_corners
+from max_deeplab.layers.step_random import dropout as step_dropout
 
 
 class ConvHead(tfk.layers.Layer):
@@ -61,7 +62,7 @@ class ASPP(tfk.layers.Layer):
         self._aspp_pool = _ASPPBranch(channels, 1, 1, "aspp_pool", bn_layer)
         self._proj_conv_bn_act = ConvBN(channels, 1, "proj_conv_bn_act", bn_layer=bn_layer,
                                         activation="relu")
-        self._proj_drop = tfk.layers.Dropout(dropout)
+        self._dropout = dropout
 
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         branches = [self._conv_bn_act(x, training=training)]
@@ -75,7 +76,8 @@ class ASPP(tfk.layers.Layer):
         branches.append(tf.broadcast_to(pooled, tf.concat(
             [tf.shape(x)[:3], tf.shape(pooled)[3:]], axis=0)))
         y = self._proj_conv_bn_act(tf.concat(branches, axis=3), training=training)
-        return self._proj_drop(y, training=training)
+        # Drawn from the training step's seed (same numbers under XLA; see step_random).
+        return step_dropout(y, self._dropout, f"{self.name}/projection_dropout", training)
 
 
 @gin.configurable

@@ -60,11 +60,6 @@ def create_strategy(strategy: str, tpu: str | None = None,
         num_gpus=num_gpus, tpu_address=tpu or "")
 
 
-def matching_backend_for(strategy: tf.distribute.Strategy) -> str:
-    """The matcher backend a strategy needs: the XLA-compilable "tf" one on TPU."""
-    return "tf" if isinstance(strategy, tf.distribute.TPUStrategy) else "scipy"
-
-
 def load_initial_checkpoint(model: tfk.Model, path: str) -> int:
     """Loads every model weight whose name and shape match `path` (a prefix or directory).
 
@@ -115,8 +110,13 @@ def experiment_options(total_steps: int = 100_000, train_batch_size: int = 64,
                        continuous_eval_timeout: float | None = None,
                        initial_checkpoint: str | None = None,
                        initial_checkpoint_scope: str = "backbone", jit_compile: bool = False,
-                       mixed_precision: str | None = None) -> dict:
+                       mixed_precision: str | None = None, seed: int | None = None) -> dict:
     """Run options with the paper's values (§4: batch 64, 100k steps).
+
+    `seed` makes a run reproducible: the model's initialisation, the data order and
+    augmentation (when the data set is built with it, as `train` does) and the drop-path
+    masks; a seeded run with `jit_compile` reproduces the plain run up to float rounding.
+    None: unseeded.
 
     `initial_checkpoint_scope`: "backbone" loads only the pretrainable backbone (the paper's
     ImageNet initialisation; memory path, decoder and heads stay random), "all" every
@@ -176,7 +176,7 @@ def _images_fit_model(dataset_fn: Callable, model: tfk.Model, split: str) -> Cal
 
 def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
                    model_fn: Callable[[], tfk.Model],
-                   loss_fn_factory: Callable[[tf.distribute.Strategy], Callable],
+                   loss_fn: Callable,
                    optimizer_fn: Callable[[int], tfk.optimizers.Optimizer],
                    train_dataset_fn: Callable | None = None,
                    eval_dataset_fn: Callable | None = None,
@@ -191,8 +191,8 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
     training on one worker (`save_on_interrupt`).
 
     `train_dataset_fn(input_context, global_batch_size)` / `eval_dataset_fn(...)` return a
-    `tf.data.Dataset` of per-replica batches; `loss_fn_factory(strategy)` returns the loss
-    callable (so the matcher backend follows the strategy).
+    `tf.data.Dataset` of per-replica batches; `loss_fn(outputs, targets, global_batch_size=)`
+    is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced).
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -213,9 +213,10 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
         if evaluating and eval_dataset_fn is None:
             raise ValueError(f"--mode={mode} needs evaluation data (--eval_data)")
 
+        if opts["seed"] is not None:
+            tfk.utils.set_random_seed(int(opts["seed"]))
         with strategy.scope():
             model = model_fn()
-            loss_fn = loss_fn_factory(strategy)
             optimizer = optimizer_fn(total_steps)
             global_step = orbit.utils.create_global_step()
             checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
@@ -229,7 +230,8 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             dataset = orbit.utils.make_distributed_dataset(
                 strategy, lambda input_context: train_fn(input_context, batch))
             trainer = Trainer(strategy, model, loss_fn, optimizer, dataset, global_step, batch,
-                              total_steps, jit_compile=opts["jit_compile"], print_fn=print_fn)
+                              total_steps, jit_compile=opts["jit_compile"], seed=opts["seed"],
+                              print_fn=print_fn)
         else:
             with strategy.scope():
                 optimizer.build(model.trainable_variables)
@@ -265,7 +267,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
                 checkpoint, model_dir, directory=write_dir, max_to_keep=1,
                 step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
         else:
-            manager = tf.train.CheckpointManager(
+            manager = _RunCheckpointManager(
                 checkpoint, directory=model_dir, max_to_keep=int(opts["max_to_keep"]),
                 step_counter=global_step, checkpoint_interval=checkpoint_every, init_fn=init_fn)
         train_actions = []
@@ -326,7 +328,50 @@ def _global_dtype_policy(name: str | None):
         tfk.mixed_precision.set_global_policy(restore)
 
 
-class _NonChiefCheckpointManager(tf.train.CheckpointManager):
+def _start_slow_weights_at_model(optimizer: tfk.optimizers.Optimizer, model: tfk.Model,
+                                 restored: str | None) -> None:
+    """Lookahead's slow weights start from the weights the run really starts from.
+
+    The optimiser is built (slow weights copied from the model) before the checkpoint
+    manager loads anything, so after an initial checkpoint (`restored` None: a fresh start)
+    or a checkpoint that holds the model but no optimiser state (`import-checkpoint`'s
+    output) they would still hold the random initialisation, and the first synchronisation
+    would pull every weight halfway back to it. A checkpoint with optimiser state restores
+    its own slow weights.
+    """
+    from max_deeplab.training.optimizers import Lookahead
+
+    if not isinstance(optimizer, Lookahead):
+        return
+    if restored is not None:
+        keys = tf.train.load_checkpoint(restored).get_variable_to_shape_map()
+        if any(key.startswith("optimizer/") for key in keys):
+            return
+        logging.info("%s holds no optimiser state: Lookahead starts from its weights",
+                     restored)
+    optimizer.reset_slow_weights(model.trainable_variables)
+
+
+class _RunCheckpointManager(tf.train.CheckpointManager):
+    """A `CheckpointManager` that, once it has restored the latest checkpoint or initialised
+    the run (`init_fn`), starts Lookahead's slow weights at the model's weights where the
+    restore did not bring them (see `_start_slow_weights_at_model`)."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, **kwargs):
+        super().__init__(checkpoint, **kwargs)
+        self._run_checkpoint = checkpoint
+
+    def _restore_or_initialize(self) -> str | None:
+        return super().restore_or_initialize()
+
+    def restore_or_initialize(self) -> str | None:
+        restored = self._restore_or_initialize()
+        _start_slow_weights_at_model(self._run_checkpoint.optimizer,
+                                     self._run_checkpoint.model, restored)
+        return restored
+
+
+class _NonChiefCheckpointManager(_RunCheckpointManager):
     """Saves into a non-chief worker's scratch directory, resumes from the chief's.
 
     All workers must save at the same steps (a save can be a collective op), so a resumed
@@ -339,10 +384,10 @@ class _NonChiefCheckpointManager(tf.train.CheckpointManager):
         super().__init__(checkpoint, **kwargs)
         self._chief_dir = chief_dir
 
-    def restore_or_initialize(self) -> str | None:
+    def _restore_or_initialize(self) -> str | None:
         latest = tf.train.latest_checkpoint(self._chief_dir)
         if latest is None:
-            return super().restore_or_initialize()
+            return super()._restore_or_initialize()
         self.checkpoint.restore(latest)
         if self.checkpoint_interval is not None:
             self._last_checkpoint_step = int(self._step_counter.numpy())

@@ -25,8 +25,11 @@ Lookahead (Zhang et al. 2019, "Lookahead Optimizer: k steps forward, 1 step back
 the inner ("fast") optimiser updates the weights every step; every k steps the slow weights
 φ move towards the fast ones, φ ← φ + α (θ − φ), and the fast weights restart from φ.
 Defaults k = 6, α = 0.5 are tensorflow-addons' (the Lookahead paper used k = 5 or 10 and
-α = 0.5 or 0.8 in its sweeps); slow weights start at the weights' value when the optimiser
-is built.
+α = 0.5 or 0.8 in its sweeps). The slow weights must start where the run starts: `build`
+copies the weights' values at that moment, and a run that loads its weights afterwards (an
+initial checkpoint, an imported reference checkpoint, a checkpoint without optimiser state)
+calls `Lookahead.reset_slow_weights` after the load — otherwise the first synchronisation
+(step k) pulls every weight halfway back to its random initialisation.
 
 Weight decay (1e-4, paper §4): the reference implementation (deeplab2) applies it as an L2
 term `wd/2 · ||w||²` added to the loss, on convolution / dense kernels only (no batch-norm
@@ -312,6 +315,17 @@ class Lookahead(tfk.optimizers.Optimizer):
         self._built = True
         self._slow = [self.add_variable_from_reference(v, "slow", initial_value=v)
                       for v in var_list]
+
+    def slow_weight(self, variable: tf.Variable) -> tf.Variable:
+        """The slow weight φ of `variable` (the optimiser must be built on it)."""
+        return self._slow[self._index_dict[self._var_key(variable)]]
+
+    def reset_slow_weights(self, var_list: Sequence[tf.Variable]) -> None:
+        """φ ← θ for every variable of `var_list`: the slow weights start from the weights'
+        current values. Call it (outside a replica context) after loading weights into a
+        built optimiser's variables."""
+        for variable in var_list:
+            self.slow_weight(variable).assign(variable.read_value())
 
     def apply_gradients(self, grads_and_vars, name: str | None = None,
                         skip_gradients_aggregation: bool = False, **kwargs):

@@ -22,6 +22,7 @@ the log only.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -30,6 +31,8 @@ import orbit
 import tensorflow as tf
 import tf_keras as tfk
 from absl import logging
+
+from max_deeplab.layers.step_random import combine_seed, step_seed_scope
 
 LossFn = Callable[..., Mapping[str, tf.Tensor]]
 
@@ -90,13 +93,16 @@ class Trainer(orbit.StandardTrainer):
       jit_compile: compile the per-replica step with XLA (TPU readiness check on CPU).
         Not combinable with multi-replica Mirrored/MultiWorker strategies, whose gradient
         all-reduce happens outside the compiled program.
+      seed: the run's seed; each step's drop-path masks are drawn from (seed, step,
+        replica), so they are the same with and without XLA and in a resumed run. None:
+        a random seed for this process.
       print_fn: where progress lines go.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: tfk.Model, loss_fn: LossFn,
                  optimizer: tfk.optimizers.Optimizer, train_dataset, global_step: tf.Variable,
                  global_batch_size: int, total_steps: int, jit_compile: bool = False,
-                 print_fn: Callable[[str], None] = print):
+                 seed: int | None = None, print_fn: Callable[[str], None] = print):
         if jit_compile and strategy.num_replicas_in_sync > 1 and not isinstance(
                 strategy, tf.distribute.TPUStrategy):
             raise ValueError("jit_compile=True needs one replica (or TPUStrategy, which "
@@ -109,6 +115,7 @@ class Trainer(orbit.StandardTrainer):
         self.global_step = global_step
         self.global_batch_size = int(global_batch_size)
         self.total_steps = int(total_steps)
+        self.seed = int(seed) if seed is not None else random.SystemRandom().getrandbits(32)
         self._print = print_fn
         with strategy.scope():
             optimizer.build(model.trainable_variables)
@@ -129,7 +136,9 @@ class Trainer(orbit.StandardTrainer):
     def _replica_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Forward, losses, gradients and the optimiser update on one replica's batch."""
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        step_seed = combine_seed(self.seed, self.global_step.read_value(), replica)
+        with tf.GradientTape() as tape, step_seed_scope(step_seed):
             outputs = self.model(inputs["image"], training=True)
             losses = dict(self.loss_fn(outputs, inputs,
                                        global_batch_size=self.global_batch_size))
