@@ -177,8 +177,9 @@ class Trainer(orbit.StandardTrainer):
         self._loop_start_step = int(self.global_step.numpy())
         if not self._compiled:
             self._compiled = True
-            self._print(f"step {self._loop_start_step}/{self.total_steps} | compiling the "
-                        "training step (the first step takes a while) ...")
+            # Not a "step N/M |" line: those are the progress lines (scripts parse them).
+            self._print(f"compiling the training step (the first step takes a while; "
+                        f"training from step {self._loop_start_step} to {self.total_steps}) ...")
 
     def current_learning_rate(self) -> float:
         """The (base, unmultiplied) learning rate of the last update."""
