@@ -3,6 +3,11 @@
 Each verb lives in its own module under `max_deeplab.cli` exposing `main(argv)`, and is
 imported only when asked for: verbs that build no model (e.g. `pq`, `synthetic`) must not
 pay for importing TensorFlow.
+
+As a program (`console_main`), before the verb imports TensorFlow: TensorFlow's C++ log
+lines (start-up notices, "failed call to cuInit" on machines without a GPU) are hidden
+unless the verb is given --verbose or TF_CPP_MIN_LOG_LEVEL is set; stdout is line-buffered
+so progress lines show as they are printed, also through a pipe.
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: max-deeplab <verb> [flags]   (max-deeplab <verb> --help for flags)", "",
-             "verbs:"]
+    lines = ["usage: max-deeplab <verb> [flags]   (max-deeplab <verb> --help for flags)",
+             "       max-deeplab --version", "", "verbs:"]
     width = max(len(v) for v in VERBS)
     for verb, (_, text) in sorted(VERBS.items()):
         lines.append(f"  {verb.ljust(width)}  {text}")
@@ -43,6 +48,11 @@ def _run(argv: list[str]):
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return (0 if len(argv) >= 2 else 2), None
+    if argv[1] == "--version":
+        from max_deeplab import __version__
+
+        print(f"max-deeplab {__version__}")
+        return 0, None
     verb = argv[1]
     if verb not in VERBS:
         print(f"max-deeplab: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
@@ -50,6 +60,19 @@ def _run(argv: list[str]):
     module = importlib.import_module(VERBS[verb][0])
     # The verb sees argv[0] as "max-deeplab <verb>" so absl/argparse usage lines read right.
     return int(module.main([f"max-deeplab {verb}", *argv[2:]]) or 0), module
+
+
+def _verbose_requested(verb_args: list[str]) -> bool:
+    """Whether the verb's arguments turn --verbose on (the last spelling wins, as for flags).
+    Read before the verb parses its flags: TensorFlow's C++ log level is fixed when
+    TensorFlow is imported."""
+    verbose = False
+    for arg in verb_args:
+        if arg in ("--verbose", "--verbose=true", "--verbose=1"):
+            verbose = True
+        elif arg in ("--noverbose", "--verbose=false", "--verbose=0"):
+            verbose = False
+    return verbose
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +98,11 @@ def console_main() -> None:
     for it. A verb may set it only if it holds nothing that needs finalising: files closed,
     child processes reaped.
     """
+    if not _verbose_requested(sys.argv[2:]):
+        # 3: errors too; a failure that matters reaches the verb as an exception.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     code, module = _run(list(sys.argv))
     if getattr(module, "EXIT_WITHOUT_TEARDOWN", False) and not _teardown_has_work():
         sys.stdout.flush()

@@ -306,13 +306,13 @@ def test_resize_window_equals_resize_pad_crop(size, offset):
 
 
 def test_shard_glob_skips_the_metadata_file_beside_the_shards(tmp_path):
-    from max_deeplab.data.pipeline import _list_files
+    from max_deeplab.data.metadata import list_shards
 
     for name in ("train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
                  "train-metadata.json"):
         (tmp_path / name).write_bytes(b"")
-    files = _list_files(str(tmp_path / "train-*"))
+    files = list_shards(str(tmp_path / "train-*"))
     assert [f.rsplit("/", 1)[1] for f in files] == ["train-00000-of-00002.tfrecord",
                                                     "train-00001-of-00002.tfrecord"]
     with pytest.raises(ValueError, match="no TFRecord shards match"):
-        _list_files(str(tmp_path / "val-*"))
+        list_shards(str(tmp_path / "val-*"))

@@ -24,21 +24,6 @@ SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "samples", "shapes")
 
 
-class ModelBuilt(Exception):
-    """Raised instead of building the model."""
-
-
-@pytest.fixture
-def no_model_build(monkeypatch):
-    """Building the model ends the command: the checks under test must come before it."""
-    import max_deeplab.model
-
-    def build_model(*args, **kwargs):
-        raise ModelBuilt
-
-    monkeypatch.setattr(max_deeplab.model, "build_model", build_model)
-
-
 @pytest.fixture
 def exported(monkeypatch):
     """Replaces model building, restoring and saving: records what `export` would save."""

@@ -247,13 +247,22 @@ def _set_first_segment(side: str, **fields):
 @pytest.mark.parametrize("side,edit,message", [
     (*_set_first_segment("gt_json", id=0), "lists segment id 0, which is reserved for void"),
     (*_set_first_segment("pred_json", id=1 << 24), "id 16777216 is outside the RGB id range"),
-    (*_set_first_segment("pred_json", id="seven"), "without integer 'id'/'category_id'"),
-    (*_set_first_segment("gt_json", iscrowd="no"), "non-numeric 'iscrowd' or 'area'"),
-    (*_set_first_segment("gt_json", area=[1]), "non-numeric 'iscrowd' or 'area'"),
-    (*_set_first_segment("gt_json", area=0), "has area 0; expected a positive number"),
-    (*_set_first_segment("gt_json", area=float("inf")), "has area inf; expected a positive"),
-    (*_set_first_segment("gt_json", iscrowd=float("inf")), "non-numeric 'iscrowd' or 'area'"),
-    (*_set_first_segment("pred_json", id=float("inf")), "without integer 'id'/'category_id'"),
+    (*_set_first_segment("pred_json", id="seven"),
+     r"segments_info\[0\]: 'id' is 'seven'; expected an integer"),
+    (*_set_first_segment("pred_json", id="7"), r"'id' is '7'; expected an integer"),
+    (*_set_first_segment("pred_json", id=7.5), r"'id' is 7.5; expected an integer"),
+    (*_set_first_segment("pred_json", id=True), r"'id' is True; expected an integer"),
+    (*_set_first_segment("gt_json", category_id=None),
+     r"segments_info\[0\]: 'category_id' is None; expected an integer"),
+    (*_set_first_segment("gt_json", iscrowd="no"), r"'iscrowd' is 'no'; expected 0 or 1"),
+    (*_set_first_segment("gt_json", iscrowd=float("inf")), r"'iscrowd' is inf; expected 0 or 1"),
+    (*_set_first_segment("gt_json", area=[1]), r"'area' is \[1\]; expected a positive number"),
+    (*_set_first_segment("gt_json", area="12"), r"'area' is '12'; expected a positive number"),
+    (*_set_first_segment("gt_json", area=0), "'area' is 0; expected a positive number"),
+    (*_set_first_segment("gt_json", area=float("inf")), "'area' is inf; expected a positive"),
+    (*_set_first_segment("pred_json", id=float("inf")), "'id' is inf; expected an integer"),
+    ("pred_json", lambda d: d["annotations"][1]["segments_info"].__setitem__(0, 5),
+     r"segments_info\[0\] is 5; expected an object"),
     ("pred_json", lambda d: d["annotations"][1]["segments_info"].append(
         dict(d["annotations"][1]["segments_info"][0])), "lists segment id .* twice"),
     ("gt_json", lambda d: d["annotations"][1].pop("segments_info"),
@@ -554,3 +563,81 @@ def test_a_crashing_worker_is_reported_not_ignored(tmp_path, monkeypatch):
     monkeypatch.setattr(coco_panoptic, "evaluate_image", flaky)
     with pytest.raises(RuntimeError, match="simulated bug in a worker"):
         pq_compute(**paths, num_workers=2)
+
+
+# ------------------------------------------------------------------- issue 22: bad input
+
+
+@pytest.mark.parametrize("side, edit, message", [
+    ("pred_json", lambda d: d["annotations"].__setitem__(1, "000001.png"),
+     r"annotations\[1\] is '000001.png'; expected an object"),
+    ("gt_json", lambda d: d["annotations"].__setitem__(0, None),
+     r"annotations\[0\] is None; expected an object"),
+    ("pred_json", lambda d: d["annotations"][1].update(image_id=[1]),
+     r"annotations\[1\]: 'image_id' is \[1\]; expected an integer or a string"),
+    ("gt_json", lambda d: d["annotations"][2].update(image_id={"id": 2}),
+     r"annotations\[2\]: 'image_id' is \{'id': 2\}; expected an integer or a string"),
+    ("gt_json", lambda d: d["annotations"][2].pop("image_id"),
+     r"annotations\[2\]: 'image_id' is missing"),
+])
+def test_error_malformed_annotation_is_named(crafted, capsys, side, edit, message):
+    import re
+
+    _edit_json(crafted[side], edit)
+    code, err = _run_cli(crafted, capsys)
+    which = "ground-truth" if side == "gt_json" else "prediction"
+    assert code == 1 and f"{which} JSON {crafted[side]}" in err, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_png_named_by_the_json_must_be_a_regular_file(crafted, capsys):
+    path = os.path.join(crafted["pred_dir"], "000001.png")
+    os.remove(path)
+    os.mkfifo(path)  # opening it for reading would wait for a writer forever
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1
+    assert f"cannot read PNG {path}: not a regular file but a FIFO" in err
+
+
+def test_nothing_evaluated_is_an_error(crafted, capsys):
+    for side in ("gt_json", "pred_json"):
+        _edit_json(crafted[side], lambda d: d.update(annotations=[]))
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "nothing to evaluate" in err and crafted["gt_json"] in err
+
+
+def test_no_category_counted_is_an_error(crafted, capsys):
+    """Images, but every ground-truth segment a crowd and no prediction: PQ would be 0 over
+    no category at all."""
+    def all_crowd(d):
+        for ann in d["annotations"]:
+            for seg in ann["segments_info"]:
+                seg["iscrowd"] = 1
+    _edit_json(crafted["gt_json"], all_crowd)
+    _edit_json(crafted["pred_json"], lambda d: [a.update(segments_info=[])
+                                                for a in d["annotations"]])
+    for name in os.listdir(crafted["pred_dir"]):
+        path = os.path.join(crafted["pred_dir"], name)
+        _write_ids(path, np.zeros_like(_png_ids(path)))
+    code, err = _run_cli(crafted, capsys)
+    assert code == 1 and "no category" in err and "nothing was evaluated" in err
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("{tmp}/a_file/metrics.json", "{tmp}/a_file is a file, not a directory"),
+    ("{tmp}/a_file/sub/metrics.json", "{tmp}/a_file/sub cannot be created: {tmp}/a_file is a file"),
+    ("{tmp}", "{tmp} is a directory"),
+])
+def test_output_location_is_checked_before_evaluating(crafted, capsys, tmp_path, monkeypatch,
+                                                      output, expected):
+    from max_deeplab.evaluation import coco_panoptic
+
+    (tmp_path / "a_file").write_text("keep")
+    monkeypatch.setattr(coco_panoptic, "build_jobs", lambda *a: pytest.fail("evaluated"))
+    output, expected = (v.format(tmp=tmp_path) for v in (output, expected))
+    argv = ["max-deeplab pq", f"--output={output}"] + [f"--{k}={v}" for k, v in crafted.items()]
+    assert pq_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output {output}: {expected}" in err and "File exists" not in err, err
+    assert (tmp_path / "a_file").read_text() == "keep"

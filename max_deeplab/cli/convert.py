@@ -1,7 +1,7 @@
 """`max-deeplab convert`: COCO panoptic -> sharded TFRecords plus a metadata file.
 
-    max-deeplab convert --annotations annotations/panoptic_train2017.json \
-        --images train2017/ --panoptic annotations/panoptic_train2017/ \
+    max-deeplab convert --annotations annotations/panoptic_train2017.json \\
+        --images train2017/ --panoptic annotations/panoptic_train2017/ \\
         --output /data/coco/train [--num_shards 256] [--num_workers 8]
 
 Writes /data/coco/train-00000-of-00256.tfrecord ... and /data/coco/train-metadata.json
@@ -10,7 +10,9 @@ which training, evaluation, export and prediction read. The Example schema is do
 `max_deeplab.data.schema`. Works on the COCO 2017 panoptic layout unchanged. Every image
 is validated (missing or corrupt files, size mismatches, segment ids in the JSON but not in
 the PNG or the reverse, unknown categories); on any error the message names the file and
-segment, the exit code is 1 and no shard is left behind.
+segment, the exit code is 1 and no shard is left behind. Ctrl-C or SIGTERM also leaves
+nothing behind (exit code 130 / 143); temporary files of a run killed outright are removed by
+the next run into the same --output.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main(argv: list[str]) -> int:
         return 2
     from max_deeplab.data.coco_format import ConversionError
     from max_deeplab.data.converter import check_output_prefix, convert
+    from max_deeplab.interruption import Interrupted, signals_raise_interrupted
 
     try:
         check_output_prefix(FLAGS.output)
@@ -54,10 +57,16 @@ def main(argv: list[str]) -> int:
         return 2
 
     try:
-        convert(FLAGS.annotations, FLAGS.images, FLAGS.panoptic, FLAGS.output,
-                num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers,
-                label_divisor=FLAGS.label_divisor,
-                log=lambda line: print(line, flush=True))
+        with signals_raise_interrupted():
+            convert(FLAGS.annotations, FLAGS.images, FLAGS.panoptic, FLAGS.output,
+                    num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers,
+                    label_divisor=FLAGS.label_divisor,
+                    log=lambda line: print(line, flush=True))
+    except Interrupted as e:
+        print(f"{argv[0]}: interrupted by {e}: stopped before the new shards were complete; "
+              "their temporary files are removed and shards already in place are untouched",
+              file=sys.stderr)
+        return e.exit_code
     except ConversionError as e:
         print(f"{argv[0]}: error: {e} (no shard written)", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 The model config and the evaluation data default to what `train` saved in DIR
 (`config.gin`, `run.json`); --gin_file / --gin_bindings / --eval_data override them.
-Writes DIR/eval/metrics.json and prints the PQ table (All / Things / Stuff, per class).
+Writes DIR/eval/metrics.json and prints the PQ table (All / Things / Stuff).
 DIR may be a file-system URL (gs://bucket/run).
 
 Flags: --model_dir, --eval_data, --gin_file, --gin_bindings, --strategy, --tpu, and, for
@@ -11,56 +11,24 @@ below too: the verbs share one flag table) do not apply and are rejected.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Any
 
 from absl import flags
 
 from max_deeplab.cli import train
 from max_deeplab.cli.flag_parsing import parse_flags
-from max_deeplab.file_system import file_exists, read_text
+from max_deeplab.file_system import file_exists
+from max_deeplab.run_config import (  # noqa: F401  (RunConfigError: also for export)
+    RunConfigError,
+    saved_data_flags,
+    saved_gin_config,
+)
 
 # `train` flags that `evaluate` passes on to `train --mode eval`; the gin flags are passed
 # on too. Any other `train` flag given to `evaluate` is an error: it would have no effect.
 FORWARDED_TRAIN_FLAGS = ("model_dir", "eval_data", "strategy", "tpu", "jit_compile",
                          "mixed_precision")
-
-
-class RunConfigError(ValueError):
-    """A run directory's `run.json` is unreadable or not what `train` writes (names it)."""
-
-
-def saved_gin_config(model_dir: str) -> str | None:
-    """DIR/config.gin, the model config `train` saved in `model_dir`, if it is there."""
-    path = os.path.join(model_dir, train.RUN_CONFIG_GIN)
-    return path if file_exists(path) else None
-
-
-def saved_data_flags(model_dir: str) -> dict[str, str | None]:
-    """The data flags (`train_data`, `eval_data`) `train` recorded in DIR/run.json; {} when
-    there is no run.json (e.g. a directory from `import-checkpoint`).
-
-    Raises:
-      RunConfigError: run.json is unreadable, not JSON, or not an object of data globs.
-    """
-    path = os.path.join(model_dir, train.RUN_CONFIG_JSON)
-    try:
-        if not file_exists(path):
-            return {}
-        data = json.loads(read_text(path))
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
-        raise RunConfigError(f"cannot read the run config {path} (written by `train`): "
-                             f"{e}") from e
-    if not isinstance(data, dict):
-        raise RunConfigError(f"run config {path} holds a JSON {type(data).__name__}; expected "
-                             'an object like {"train_data": GLOB, "eval_data": GLOB}')
-    for key in ("train_data", "eval_data"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise RunConfigError(f"run config {path}: {key!r} must be a file glob (a string) "
-                                 f"or null, got {data[key]!r}")
-    return data
 
 
 def _inapplicable_flags() -> list[str]:
@@ -134,18 +102,7 @@ def main(argv: list[str]) -> int:
     train_argv += [arg for f in gin_files for arg in ("--gin_file", f)]
     train_argv += [arg for b in FLAGS.gin_bindings for arg in ("--gin_bindings", b)]
     code = train.main(train_argv)
-    if code == 0:
-        _print_metrics(os.path.join(FLAGS.model_dir, "eval", "metrics.json"))
+    metrics = os.path.join(FLAGS.model_dir, "eval", "metrics.json")
+    if code == 0 and file_exists(metrics):  # not written by a non-chief worker
+        print(f"metrics: {metrics}")
     return code
-
-
-def _print_metrics(metrics_path: str) -> None:
-    """Prints the PQ table of the metrics.json `train --mode eval` wrote."""
-    from max_deeplab.evaluation.pq_core import format_table
-
-    try:
-        metrics: Any = json.loads(read_text(metrics_path))
-    except FileNotFoundError:
-        return  # not written by this worker (see `worker_write_dir`)
-    print(format_table(metrics))
-    print(f"metrics: {metrics_path}")

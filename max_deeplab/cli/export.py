@@ -124,12 +124,12 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
     path, metadata, input size); parses the gin config.
 
     Raises:
-      OSError, ValueError (ExportSetupError, MetadataError, RunConfigError, gin errors):
-        naming the flag or file at fault.
+      OSError, ValueError (ExportSetupError, MetadataError, RunConfigError,
+        CheckpointReadError, gin errors): naming the flag or file at fault.
     """
     from max_deeplab.cli.train import check_num_classes
     from max_deeplab.inference.export import export_dir_problem
-    from max_deeplab.model.checkpoints import resolve_checkpoint_path
+    from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
 
     problem = export_dir_problem(FLAGS.export_dir)
     if problem:
@@ -138,6 +138,7 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
         prefix = resolve_checkpoint_path(FLAGS.checkpoint)
     except FileNotFoundError as e:
         raise ExportSetupError(f"--checkpoint: {e}") from e
+    check_checkpoint(prefix)
     # The run's files (config.gin, run.json) sit beside its checkpoints: --checkpoint is
     # that directory, or a prefix in it (resolving returns a prefix unchanged).
     run_dir = FLAGS.checkpoint if prefix != FLAGS.checkpoint else os.path.dirname(prefix)

@@ -4,6 +4,11 @@ from __future__ import annotations
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
+
+# Every verb takes --verbose: `max_deeplab.__main__` reads it before TensorFlow is imported.
+flags.DEFINE_boolean("verbose", False, "Also show TensorFlow's start-up and C++ log lines "
+                     "(hidden by default) and INFO log messages.", allow_override=True)
 
 
 def parse_flags(argv: list[str], doc: str = "") -> list[str] | None:
@@ -26,6 +31,8 @@ def parse_flags(argv: list[str], doc: str = "") -> list[str] | None:
     except flags.Error as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    if FLAGS.verbose:
+        absl_logging.set_verbosity(absl_logging.INFO)
     if len(rest) > 1:
         # Every verb takes flags only; a stray word is most often the second file of an
         # unquoted glob (`--images dir/*.jpg`) or of `--gin_file a.gin b.gin`, and ignoring

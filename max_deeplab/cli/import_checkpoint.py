@@ -10,6 +10,7 @@ from absl import flags
 
 from max_deeplab.cli import gin_flags  # noqa: F401  (defines --gin_file/--gin_bindings)
 from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.file_system import directory_problem
 
 flags.DEFINE_string("reference_checkpoint", None,
                     "The reference (deeplab2) checkpoint: a prefix such as "
@@ -44,6 +45,12 @@ def main(argv: list[str]) -> int:
     if not FLAGS.gin_file:
         print(f"{PROG}: --gin_file is required (the config matching the checkpoint, e.g. "
               f"max_deeplab_s_coco_641.gin)", file=sys.stderr)
+        return 2
+    # Written as a sibling directory, then renamed into place: both it and its parent count.
+    problem = directory_problem(FLAGS.output) or directory_problem(
+        os.path.dirname(os.path.abspath(FLAGS.output)))
+    if problem:
+        print(f"{PROG}: --output: {problem}", file=sys.stderr)
         return 2
     if (os.path.exists(FLAGS.output) and not FLAGS.overwrite
             and not (os.path.isdir(FLAGS.output) and not os.listdir(FLAGS.output))):

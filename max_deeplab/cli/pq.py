@@ -8,6 +8,10 @@ Prints the All / Things / Stuff table (PQ, SQ, RQ in %, N = categories counted) 
 (fractions, not %) to --output. IoU > 0.5 matching, void and crowd handling and per-category
 averaging follow the COCO reference evaluator (panopticapi pq_compute) exactly.
 Neither TensorFlow nor numpy is imported by this verb (on COCO-style 8-bit PNGs).
+
+Exit codes: 0 metrics computed; 1 bad input (named in the message) or nothing to evaluate
+(no image, or no category with a segment); 2 bad flags, or an --output that cannot be
+written (checked before evaluating).
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="Also print the per-class PQ / SQ / RQ table.")
     parser.add_argument("--noper_class", dest="per_class", action="store_false",
                         help="Same as --per_class=false.")
+    parser.add_argument("--verbose", type=_boolean, nargs="?", const=True, default=False,
+                        metavar="true|false",
+                        help="Accepted as by every verb; pq has no TensorFlow logs to show.")
     return parser
 
 
@@ -118,6 +125,12 @@ def main(argv: list[str]) -> int:
               + ", ".join(f"--{n}" for n in missing), file=sys.stderr)
         return 2
     from max_deeplab.atomic_files import write_json_atomic
+    from max_deeplab.file_system import output_file_problem
+
+    problem = args.output and output_file_problem(args.output)
+    if problem:
+        print(f"{argv[0]}: error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     from max_deeplab.evaluation.coco_panoptic import (
         PanopticEvalError,
         build_jobs,
@@ -130,7 +143,14 @@ def main(argv: list[str]) -> int:
         with _freed_memory_kept():
             jobs, category_ids, is_thing, names = build_jobs(
                 args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+            if not jobs:
+                raise PanopticEvalError(f"nothing to evaluate: the ground-truth JSON "
+                                        f"{args.gt_json} has no annotations")
             result = compute_stats(jobs, category_ids, is_thing, args.num_workers).summarize()
+            if result["All"]["n"] == 0:
+                raise PanopticEvalError(
+                    f"no category has a segment in the {len(jobs)} image(s) of {args.gt_json} "
+                    "or their predictions (crowd segments do not count): nothing was evaluated")
     except PanopticEvalError as e:
         print(f"{argv[0]}: error: {e}", file=sys.stderr)
         return 1

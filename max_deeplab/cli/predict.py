@@ -14,8 +14,10 @@ image_id: from --images_json (a COCO JSON whose "images" map file_name -> id), e
 file name's stem (as an int when it is all digits, like COCO's 000000000139.jpg -> 139).
 Outputs are named by the input's stem, so two inputs with the same stem (a.jpg and a.png,
 or one name in two directories) or the same image_id are refused before anything runs.
-An unreadable image is reported and skipped; the others are processed. When no image can
-be read, nothing is written and the exit code is 1.
+An image that cannot be read (corrupt, or above Pillow's decompression-bomb limit,
+PIL.Image.MAX_IMAGE_PIXELS) is reported with the reason and skipped; the others are
+processed. Exit codes: 0 every image predicted; 1 some image skipped (the others'
+predictions are written) or none could be read (nothing written); 2 bad flags or inputs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any
 
 from absl import flags
 
-from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.atomic_files import temporary_path, write_json_atomic
 from max_deeplab.cli.flag_parsing import parse_flags
 from max_deeplab.file_system import nearest_existing_path
 
@@ -132,8 +134,16 @@ def _load_image(path: str):
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), np.uint8)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{e} (Pillow's decompression-bomb limit, set by "
+                         "PIL.Image.MAX_IMAGE_PIXELS)") from e
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # Pillow raises many types for corrupt data (SyntaxError, ...)
+        raise ValueError(f"{type(e).__name__}: {e}") from e
 
 
 def _load_saved_model(saved_model: str) -> tuple[Any, dict[str, Any]]:
@@ -172,7 +182,7 @@ def _load_saved_model(saved_model: str) -> tuple[Any, dict[str, Any]]:
 def _save_png(image: Any, path: str) -> None:
     """Saves a PIL image as PNG under a temporary name, then renames it: an interrupted run
     leaves no truncated PNG."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -250,6 +260,10 @@ def main(argv: list[str]) -> int:
                       {"annotations": annotations, "categories": categories}, indent=None)
     print(f"wrote {len(annotations)} predictions to {FLAGS.output_dir} "
           f"({len(failed)} skipped)")
+    if failed:
+        print(f"{argv[0]}: {len(failed)} of {len(paths)} images skipped (reasons above): "
+              + ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else ""), file=sys.stderr)
+        return 1
     return 0
 
 

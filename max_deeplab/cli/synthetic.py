@@ -58,7 +58,10 @@ def main(argv: list[str]) -> int:
             print(f"{split}: {done}/{total} images", flush=True)
 
     try:
-        counts = write_dataset(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, FLAGS.height,
+        # `train` defines --seed too, default None (unseeded); absl keeps the definition
+        # imported last, so in a process that imported both (tests) this one's 0 may be gone.
+        seed = 0 if FLAGS.seed is None else FLAGS.seed
+        counts = write_dataset(FLAGS.output_dir, FLAGS.num_images, seed, FLAGS.height,
                                FLAGS.width, FLAGS.num_val_images, progress,
                                overwrite=FLAGS.overwrite)
     except DatasetExistsError as e:

@@ -8,8 +8,16 @@ Examples:
   max-deeplab train --tpu my-tpu --strategy tpu --model_dir gs://b/run \\
       --gin_file max_deeplab_s_coco_641.gin --train_data 'gs://b/coco/train-*'
 
-The latest checkpoint in --model_dir is resumed automatically. The data and step flags
-override the gin config (`experiment_options.*`).
+The latest checkpoint in --model_dir is resumed automatically; without --gin_file and the
+data flags, a resumed run takes them from what the run saved there (config.gin, run.json),
+so `max-deeplab train --model_dir DIR` continues a run. The data and step flags override the
+gin config (`experiment_options.*`) and are saved in DIR/config.gin with it.
+
+Ctrl-C or SIGTERM saves a checkpoint at the current step (one-worker runs; TPU and
+multi-worker runs save on preemption), prints where it is and the command that resumes, and
+exits with 130 / 143. Exit codes: 0 done; 1 the loss became non-finite or the data or a
+checkpoint could not be read while running; 2 bad flags, config, data or checkpoint (found
+before the model is built); 128 + N stopped by signal N.
 """
 from __future__ import annotations
 
@@ -19,9 +27,14 @@ from typing import Any
 
 from absl import flags
 
-from max_deeplab.atomic_files import write_text_atomic
 from max_deeplab.cli import gin_flags
 from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.run_config import (  # noqa: F401  (RUN_CONFIG_*: also for evaluate, export)
+    RUN_CONFIG_GIN,
+    RUN_CONFIG_JSON,
+    RunConfigError,
+    save_run_config,
+)
 
 # `pretrain` defines --model_dir, --tpu, --strategy, --mode, --steps and --checkpoint_every
 # too. absl keeps one definition per name and process (the last one imported), so the two
@@ -71,46 +84,170 @@ def main(argv: list[str]) -> int:
     if parse_flags(argv, __doc__) is None:
         return 0
     FLAGS = flags.FLAGS
+    prog = argv[0]
     if not FLAGS.model_dir:
-        print(f"{argv[0]}: --model_dir is required", file=sys.stderr)
+        print(f"{prog}: --model_dir is required", file=sys.stderr)
         return 2
     # Flag and config errors are reported before anything is written to --model_dir (a
     # failed start must not leave a run config behind) and before the model is built.
+    try:
+        gin_files = _resumed_run_defaults(FLAGS.model_dir, FLAGS.mode)
+    except (OSError, RunConfigError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     flag_error = _model_dir_error(FLAGS.model_dir) or _data_flags_error(FLAGS.mode)
     if flag_error:
-        print(f"{argv[0]}: {flag_error}", file=sys.stderr)
+        print(f"{prog}: {flag_error}", file=sys.stderr)
         return 2
     strategy_name = FLAGS.strategy or _default_strategy(FLAGS.tpu)
     try:
-        gin_flags.parse_gin_flags()
+        gin_flags.parse_gin_flags(gin_files)
+        _bind_flag_overrides()
     except (FileNotFoundError, ValueError) as e:
-        print(f"{argv[0]}: gin configuration error: {e}", file=sys.stderr)
+        print(f"{prog}: gin configuration error: {e}", file=sys.stderr)
         return 2
 
+    import tensorflow as tf
+
+    from max_deeplab.interruption import Interrupted, signals_raise_interrupted
     from max_deeplab.training.experiment import experiment_options
-    from max_deeplab.training.trainer import NonFiniteLossError
+    from max_deeplab.training.save_on_interrupt import TrainingInterrupted
+    from max_deeplab.training.trainer import NonFiniteLossError, orbit_output_dicts_logged_only
 
     options = experiment_options()
+    try:
+        with signals_raise_interrupted():
+            check_learning_rate_schedule(int(options["total_steps"]))
+            check_segments_fit_mask_slots()
+            check_inputs(FLAGS.model_dir, FLAGS.mode, options)
+            if FLAGS.mode in ("train", "train_and_eval") and strategy_name != "multi_worker":
+                _remove_unfinished_saves(FLAGS.model_dir)
+            with orbit_output_dicts_logged_only():
+                _run(strategy_name, options)
+    except TrainingInterrupted as e:
+        print(f"{prog}: {_interruption_report(e, argv)}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"{prog}: interrupted by {e} before training started; the model directory's "
+              "checkpoints are as they were", file=sys.stderr)
+        return e.exit_code
+    except NonFiniteLossError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except tf.errors.DataLossError as e:
+        print(f"{prog}: {_data_loss_report(e, FLAGS.mode)}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _resumed_run_defaults(model_dir: str, mode: str) -> list[str]:
+    """The gin files to parse: --gin_file, else the config.gin a run saved in `model_dir`
+    (as `evaluate` and `export` do). Also sets the data flags `mode` reads from the run's
+    run.json when they are not given. Prints what it took from the run."""
+    from max_deeplab.run_config import saved_data_flags, saved_gin_config
+
+    FLAGS = flags.FLAGS
+    gin_files = list(FLAGS.gin_file)
+    if not gin_files:
+        saved = saved_gin_config(model_dir)
+        if saved is not None:
+            gin_files = [saved]
+            print(f"using the run's saved config {saved} (no --gin_file given)")
+    wanted = [name for name, needed in (("train_data", mode in ("train", "train_and_eval")),
+                                        ("eval_data", mode != "train"))
+              if needed and not FLAGS[name].value]
+    saved_data = saved_data_flags(model_dir) if wanted else {}
+    for name in wanted:
+        if saved_data.get(name):
+            FLAGS[name].value = saved_data[name]
+            print(f"using the run's --{name} {saved_data[name]} (from {RUN_CONFIG_JSON})")
+    return gin_files
+
+
+def _bind_flag_overrides() -> None:
+    """Binds the step and compile flags into gin (`experiment_options.*`), over the gin
+    files, so that the run's saved config.gin holds them and a resumed run keeps them."""
+    import gin
+
+    FLAGS = flags.FLAGS
     for key, value in (("total_steps", FLAGS.steps), ("checkpoint_every", FLAGS.checkpoint_every),
                        ("initial_checkpoint", FLAGS.initial_checkpoint),
                        ("jit_compile", FLAGS.jit_compile),
                        ("mixed_precision", FLAGS.mixed_precision), ("seed", FLAGS.seed)):
         if value is not None:
-            options[key] = value
-    try:
-        check_learning_rate_schedule(int(options["total_steps"]))
-        check_segments_fit_mask_slots()
-        result = _run(strategy_name, options)
-    except NonFiniteLossError as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
-        return 2
-    if result:
-        print(f"{FLAGS.mode} at step: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in sorted(result.items()) if isinstance(v, float)))
-    return 0
+            gin.bind_parameter(f"experiment_options.{key}", value)
+
+
+def check_inputs(model_dir: str, mode: str, options: dict[str, Any]) -> None:
+    """The data shards and the checkpoint that the run reads are whole: each shard has the
+    size `convert` recorded, the checkpoint's index reads and its data files are complete.
+    Cheap (file sizes and indexes); raises ValueError (ShardError, MetadataError,
+    CheckpointReadError) or FileNotFoundError naming the file, before the model is built."""
+    import tensorflow as tf
+
+    from max_deeplab.data.metadata import check_shards
+    from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
+
+    FLAGS = flags.FLAGS
+    training = mode in ("train", "train_and_eval")
+    for pattern in (FLAGS.train_data if training else None,
+                    FLAGS.eval_data if mode != "train" else None):
+        if pattern and not pattern.startswith("tfds:"):
+            check_shards(pattern)
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest is not None:
+        check_checkpoint(latest)
+    elif training and options["initial_checkpoint"]:
+        check_checkpoint(resolve_checkpoint_path(options["initial_checkpoint"]))
+
+
+def _remove_unfinished_saves(model_dir: str) -> None:
+    from max_deeplab.model.checkpoints import remove_unfinished_saves
+
+    removed = remove_unfinished_saves(model_dir)
+    if removed:
+        print(f"removed {len(removed)} leftover(s) of a checkpoint save that was killed: "
+              + ", ".join(removed))
+
+
+def _interruption_report(interrupted: Any, argv: list[str]) -> str:
+    """What an interrupted run saved, where, and the command that resumes it."""
+    import shlex
+
+    text = str(interrupted)
+    if interrupted.step is None:
+        return f"{text}; nothing saved: the model directory's checkpoints are as they were"
+    if interrupted.checkpoint is None:
+        return f"{text}; no step trained yet: nothing to save"
+    saved = (f"saved checkpoint {interrupted.checkpoint}" if interrupted.saved else
+             f"the latest checkpoint {interrupted.checkpoint} holds this step")
+    command = " ".join([argv[0], *map(shlex.quote, argv[1:])])
+    return f"{text}; {saved}. Resume with the same command:\n  {command}"
+
+
+def _data_loss_report(error: Any, mode: str) -> str:
+    """Which file a DataLossError raised while running came from: a checkpoint names itself
+    ("TensorBundle at PREFIX"); for the data, the shards are read one by one to find it."""
+    from max_deeplab.data.metadata import list_shards
+    from max_deeplab.data.tfrecord import first_unreadable_shard
+
+    message = error.message.strip().splitlines()[0] if error.message else str(error)
+    if "TensorBundle" in message:
+        return f"a checkpoint is corrupt: {message}"
+    FLAGS = flags.FLAGS
+    for name, used in (("train_data", mode in ("train", "train_and_eval")),
+                       ("eval_data", mode != "train")):
+        pattern = FLAGS[name].value
+        if not used or not pattern or pattern.startswith("tfds:"):
+            continue
+        found = first_unreadable_shard(list_shards(pattern))
+        if found is not None:
+            return (f"TFRecord shard {found[0]} of --{name} is damaged ({found[1]}): copy it "
+                    "again or rerun `max-deeplab convert`")
+    return f"reading the data failed: {message}"
 
 
 def _model_dir_error(model_dir: str) -> str | None:
@@ -195,10 +332,6 @@ def check_segments_fit_mask_slots() -> None:
             f"(or raise MaXDeepLabEncoder.num_mask_slots)")
 
 
-RUN_CONFIG_GIN = "config.gin"
-RUN_CONFIG_JSON = "run.json"
-
-
 def check_num_classes(num_classes: int, source: str) -> None:
     """The model's class count must equal the data set's (a clear error, not a crash)."""
     from max_deeplab.model import MaXDeepLab
@@ -210,18 +343,6 @@ def check_num_classes(num_classes: int, source: str) -> None:
             f"the data set ({source}) has {num_classes} classes but the model is configured "
             f"with MaXDeepLab.num_classes = {model_classes}; add --gin_bindings "
             f"'MaXDeepLab.num_classes = {num_classes}' or use a matching config")
-
-
-def save_run_config(model_dir: str, **data_flags: str | None) -> None:
-    """Saves the gin config and data flags in the model directory, so `evaluate`, `export`
-    and resumed runs rebuild the same model without repeating them."""
-    import json
-
-    import gin
-
-    for name, text in ((RUN_CONFIG_GIN, gin.config_str()),
-                       (RUN_CONFIG_JSON, json.dumps(data_flags, indent=1))):
-        write_text_atomic(f"{model_dir.rstrip('/')}/{name}", text)
 
 
 def _run(strategy_name: str, options: dict):

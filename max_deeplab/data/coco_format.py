@@ -21,6 +21,7 @@ from PIL import Image
 
 from max_deeplab.data import schema
 from max_deeplab.data.metadata import categories_problem
+from max_deeplab.file_system import read_regular_file
 
 
 class ConversionError(Exception):
@@ -63,21 +64,64 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Type checks of one annotation file's fields; errors name the file, the entry
+    (``images[3]``, ``annotations[0] (image_id 139) segments_info[2]``) and the field."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def error(self, where: str, message: str) -> ConversionError:
+        return ConversionError(f"annotation file {self.path}: {where + ': ' if where else ''}"
+                               f"{message}")
+
+    def get(self, entry: dict[str, Any], where: str, field: str, check, expected: str,
+            required: bool = True) -> Any:
+        """``entry[field]`` if `check` accepts it; ConversionError otherwise (or when it is
+        missing and `required`); None when it is missing and not required."""
+        if field not in entry:
+            if required:
+                raise self.error(where, f"{field!r} is missing; expected {expected}")
+            return None
+        value = entry[field]
+        if not check(value):
+            raise self.error(where, f"{field!r} is {value!r:.80}; expected {expected}")
+        return value
+
+    def entries(self, value: Any, owner: str, field: str, kind: str) -> list[dict[str, Any]]:
+        """`value`, the list `field` of `owner` ("" for the top level), which must be a list
+        of objects."""
+        if not isinstance(value, list):
+            raise self.error(owner, f"{field!r} must be a list of {kind} objects, got "
+                                    f"{type(value).__name__} {value!r:.60}")
+        for position, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                where = f"{owner + ' ' if owner else ''}{field}[{position}]"
+                raise self.error(where, f"expected an object ({kind}), got {entry!r:.60}")
+        return value
+
+
 def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
                        ) -> CocoPanoptic:
     """Reads the annotation JSON and checks what can be checked without opening images.
 
     Raises:
-      ConversionError: unreadable JSON, a missing field, a category without an integer id
-        or without isthing (see `metadata.categories_problem`), an annotation for an image
-        that is not listed, an unknown category id, or a duplicated segment id.
+      ConversionError: unreadable JSON; a missing field or one of the wrong type (naming the
+        entry and field); a category without an integer id or without isthing (see
+        `metadata.categories_problem`); two images with one id, or two annotations for one
+        image; an annotation for an image that is not listed; an unknown category id; a
+        duplicated segment id.
     """
     try:
         with open(annotations_path) as f:
             data = json.load(f)
     except OSError as e:
         raise ConversionError(f"cannot read annotation file {annotations_path}: {e}") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"annotation file {annotations_path} is not valid JSON: {e}") from e
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or key not in data:
@@ -90,19 +134,47 @@ def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
     ordered = sorted(c["id"] for c in categories)
     contiguous = {cid: i for i, cid in enumerate(ordered)}
     isthing = {c["id"]: bool(c["isthing"]) for c in categories}
-    images = {}
-    for image in data["images"]:
-        images[image["id"]] = image
+    fields = _Fields(annotations_path)
+    images: dict[int, tuple[int, dict[str, Any]]] = {}
+    for position, image in enumerate(fields.entries(data["images"], "", "images", "image")):
+        where = f"images[{position}]"
+        image_id = fields.get(image, where, "id", _is_int, "an integer")
+        fields.get(image, where, "file_name", lambda v: isinstance(v, str) and v,
+                   "a string (the image's file name)")
+        for size in ("width", "height"):
+            fields.get(image, where, size, lambda v: _is_int(v) and v > 0,
+                       "a positive integer (pixels)", required=False)
+        if image_id in images:
+            raise fields.error(where, f"images[{images[image_id][0]}] and {where} both have id "
+                                      f"{image_id}; each image needs an id of its own")
+        images[image_id] = position, image
     jobs = []
-    for ann in data["annotations"]:
-        png_name = ann.get("file_name", "?")
-        image = images.get(ann.get("image_id"))
-        if image is None:
-            raise ConversionError(f"annotation {png_name} in {annotations_path} refers to "
-                                  f"image_id {ann.get('image_id')!r}, which is not in 'images'")
+    annotated: dict[int, int] = {}
+    for position, ann in enumerate(fields.entries(data["annotations"], "", "annotations",
+                                                  "annotation")):
+        image_id = fields.get(ann, f"annotations[{position}]", "image_id", _is_int,
+                              "an integer (an id in 'images')")
+        where = f"annotations[{position}] (image_id {image_id})"
+        png_name = fields.get(ann, where, "file_name", lambda v: isinstance(v, str) and v,
+                              "a string (the panoptic PNG's file name)")
+        if image_id not in images:
+            raise fields.error(where, f"image_id {image_id} of {png_name} is not in 'images'")
+        if image_id in annotated:
+            raise fields.error(where, f"annotations[{annotated[image_id]}] and "
+                                      f"annotations[{position}] are both for image_id "
+                                      f"{image_id}; one annotation per image")
+        annotated[image_id] = position
+        segments = fields.entries(fields.get(ann, where, "segments_info", lambda v: True,
+                                             "a list of segments"),
+                                  where, "segments_info", "segment")
         seen = set()
-        for seg in ann.get("segments_info", []):
-            sid = int(seg["id"])
+        for index, seg in enumerate(segments):
+            seg_where = f"{where} segments_info[{index}]"
+            sid = fields.get(seg, seg_where, "id", _is_int, "an integer segment id")
+            category_id = fields.get(seg, seg_where, "category_id", _is_int,
+                                     "an integer id in 'categories'")
+            fields.get(seg, seg_where, "iscrowd", lambda v: v in (0, 1), "0 or 1",
+                       required=False)
             if sid in seen:
                 raise ConversionError(f"segment id {sid} appears twice in segments_info of "
                                       f"{png_name} ({annotations_path})")
@@ -110,18 +182,19 @@ def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
                 raise ConversionError(f"segment id {sid} of {png_name} ({annotations_path}) is "
                                       "outside 1..2^24-1 (0 is void in the PNG encoding)")
             seen.add(sid)
-            if int(seg["category_id"]) not in contiguous:
+            if category_id not in contiguous:
                 raise ConversionError(
                     f"segment id {sid} of {png_name} ({annotations_path}) has unknown "
-                    f"category_id {seg['category_id']} (not in 'categories')")
+                    f"category_id {category_id} (not in 'categories')")
+        image = images[image_id][1]
         jobs.append(ImageJob(
-            image_id=int(image["id"]),
+            image_id=image_id,
             image_path=os.path.join(images_dir, image["file_name"]),
             image_file_name=image["file_name"],
             panoptic_path=os.path.join(panoptic_dir, png_name),
             width=image.get("width"),
             height=image.get("height"),
-            segments=tuple(ann.get("segments_info", [])),
+            segments=tuple(segments),
         ))
     jobs.sort(key=lambda j: j.image_id)
     return CocoPanoptic(annotations_path, categories, contiguous, isthing, jobs)
@@ -129,8 +202,7 @@ def load_coco_panoptic(annotations_path: str, images_dir: str, panoptic_dir: str
 
 def _read(path: str, what: str, job: ImageJob) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_regular_file(path)
     except FileNotFoundError as e:
         raise ConversionError(f"missing {what} file {path} (image_id {job.image_id})") from e
     except OSError as e:

@@ -17,8 +17,13 @@ Metadata JSON (written by `max-deeplab convert`)::
       "category_ids": [1, 2, ...],                 # contiguous index -> COCO category id
       "num_examples": 5000, "num_shards": 8,
       "shard_pattern": "PREFIX-?????-of-00008.tfrecord",
+      "shard_bytes": {"PREFIX-00000-of-00008.tfrecord": 2097152, ...},  # each shard's size
       "max_segments_per_image": 67                 # a lower bound for K_max
     }
+
+`list_shards` is the one place that turns a ``--train_data`` / ``--eval_data`` glob into
+shard files (skipping the metadata and temporary files), and `check_shards` compares their
+sizes with ``shard_bytes`` so that a truncated copy is named before training starts.
 
 Paths may be local or TensorFlow file-system URLs (``gs://bucket/coco/train-*``: the data of
 a Cloud TPU job lives in a bucket). `file_exists`, `read_text` and `glob_files` use `os` and
@@ -32,8 +37,9 @@ import json
 import re
 from typing import Any
 
+from max_deeplab.atomic_files import is_temporary
 from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR, FORMAT_VERSION, IGNORE_PANOPTIC
-from max_deeplab.file_system import file_exists, glob_files, read_text
+from max_deeplab.file_system import file_exists, file_size, glob_files, read_text
 
 METADATA_SUFFIX = "-metadata.json"
 _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(\d{5})-of-(\d{5})\.tfrecord$")
@@ -41,6 +47,11 @@ _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(\d{5})-of-(\d{5})\.tfrecord$")
 
 class MetadataError(ValueError):
     """The metadata file is missing or malformed (the message names the path)."""
+
+
+class ShardError(ValueError):
+    """A shard glob that matches no shard, or a shard that is not the file `convert` wrote
+    (the message names it)."""
 
 
 def categories_problem(categories: Any) -> str | None:
@@ -85,6 +96,55 @@ def shard_pattern(prefix: str, num_shards: int) -> str:
 
 def metadata_path(prefix: str) -> str:
     return prefix + METADATA_SUFFIX
+
+
+def list_shards(file_pattern: str) -> list[str]:
+    """The shard files of comma-separated globs, each glob's sorted.
+
+    Skipped: the metadata JSON that `convert` writes beside the shards (so ``PREFIX-*``
+    globs work) and temporary files (`atomic_files.is_temporary`: what a `convert` killed
+    mid-run leaves behind is half a shard). Raises ShardError naming a glob that matches no
+    shard; OSError when a URL's file system cannot be listed.
+    """
+    files = []
+    for pattern in file_pattern.split(","):
+        pattern = pattern.strip()
+        matched = [f for f in glob_files(pattern)
+                   if not f.endswith(METADATA_SUFFIX) and not is_temporary(f)]
+        if not matched:
+            raise ShardError(f"no TFRecord shards match {pattern!r}")
+        files.extend(matched)
+    return files
+
+
+def check_shards(file_pattern: str, metadata: dict[str, Any] | None = None) -> list[str]:
+    """`list_shards`, each shard checked against the size `convert` recorded for it in the
+    metadata (``shard_bytes``; metadata written before sizes were recorded, and shards it
+    does not list, are not checked). Cheap: one stat per shard.
+
+    Raises:
+      ShardError: naming the first shard whose size differs (a copy cut short, or a shard of
+        another conversion under the same name) and both sizes.
+    """
+    shards = list_shards(file_pattern)
+    if metadata is None:
+        metadata = load_metadata(file_pattern)
+    expected = metadata.get("shard_bytes")
+    if not isinstance(expected, dict):
+        return shards
+    for shard in shards:
+        size = expected.get(shard.rsplit("/", 1)[-1])
+        if not isinstance(size, int):
+            continue
+        actual = file_size(shard)
+        if actual != size:
+            what = "truncated (a copy or download cut short?)" if actual < size else \
+                "longer than written (another data set's shard under this name?)"
+            raise ShardError(
+                f"TFRecord shard {shard} is {actual} bytes but `max-deeplab convert` wrote "
+                f"{size} bytes (recorded in {metadata.get('path', 'its metadata')}): it is "
+                f"{what}. Copy it again or rerun `max-deeplab convert`.")
+    return shards
 
 
 def build_metadata(categories: list[dict[str, Any]],

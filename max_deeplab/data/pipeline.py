@@ -235,19 +235,6 @@ def preprocess_eval(example: dict[str, tf.Tensor], crop_size: Sequence[int], k_m
             "resized_size": resized_size[:2]}
 
 
-def _list_files(file_pattern: str) -> list[str]:
-    """Shards matching the comma-separated globs. The metadata JSON that `convert` writes
-    beside the shards is skipped, so `PREFIX-*` globs work."""
-    files = []
-    for pattern in file_pattern.split(","):
-        matched = sorted(f for f in tf.io.gfile.glob(pattern.strip())
-                         if not f.endswith(metadata_lib.METADATA_SUFFIX))
-        if not matched:
-            raise ValueError(f"no TFRecord shards match {pattern.strip()!r}")
-        files.extend(matched)
-    return files
-
-
 @gin.configurable
 def build_dataset(file_pattern: str,
                   is_training: bool,
@@ -325,7 +312,7 @@ def build_dataset(file_pattern: str,
         if num_pipelines > 1:
             decoded = decoded.shard(num_pipelines, pipeline_id)
     else:
-        files = _list_files(file_pattern)
+        files = metadata_lib.list_shards(file_pattern)
         metadata = metadata or metadata_lib.load_metadata(file_pattern)
         dataset = tf.data.Dataset.from_tensor_slices(files)
         shard_records = num_pipelines > 1 and len(files) < num_pipelines

@@ -74,11 +74,18 @@ def _load_json(path: str, what: str) -> dict:
     return data
 
 
+def _field_error(what: str, json_path: str, where: str, field: str, value: object,
+                 expected: str) -> PanopticEvalError:
+    return PanopticEvalError(f"{what} JSON {json_path}: {where}: {field!r} is {value!r:.80}; "
+                             f"expected {expected}")
+
+
 def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
               need_crowd_area: bool):
     """Validates one annotation's segments_info; returns id/category/crowd/area lists.
 
-    Raises on the first bad segment, naming it."""
+    Raises on the first bad segment, naming it and the field. Types are checked exactly
+    (`type(v) is int`, also fast): a string "7" or a float 7.5 is an error, not an id."""
     image_id = ann.get("image_id")
     segs = ann.get("segments_info")
     if not isinstance(segs, list):
@@ -86,13 +93,17 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
                                 "'segments_info' list")
     ids, cats, crowd, area = [], [], [], []
     seen: set[int] = set()
-    for s in segs:
-        try:
-            sid = int(s["id"])
-            cid = int(s["category_id"])
-        except (KeyError, TypeError, ValueError, OverflowError):
-            raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} has a "
-                                    f"segment without integer 'id'/'category_id': {s!r}") from None
+    for position, s in enumerate(segs):
+        if type(s) is not dict:
+            raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
+                                    f"segments_info[{position}] is {s!r:.80}; expected an "
+                                    "object with 'id' and 'category_id'")
+        sid = s.get("id")
+        cid = s.get("category_id")
+        if type(sid) is not int or type(cid) is not int:
+            field, value = ("id", sid) if type(sid) is not int else ("category_id", cid)
+            raise _field_error(what, json_path, f"image_id {image_id!r} segments_info"
+                               f"[{position}]", field, value, "an integer")
         if sid == VOID:
             raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} lists "
                                     "segment id 0, which is reserved for void pixels")
@@ -110,20 +121,45 @@ def _segments(ann: dict, json_path: str, cat_index: dict[int, int], what: str,
         ids.append(sid)
         cats.append(cat_index[cid])
         if need_crowd_area:
-            try:
-                crowd.append(int(s.get("iscrowd", 0)) == 1)
-                a = s.get("area")
-                area.append(math.nan if a is None else float(a))
-            except (TypeError, ValueError, OverflowError):
-                raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
-                                        f"segment id {sid} has a non-numeric 'iscrowd' or "
-                                        f"'area': {s!r}") from None
-            if not 0 < area[-1] < math.inf and a is not None:
+            where = f"image_id {image_id!r} segment id {sid}"
+            iscrowd = s.get("iscrowd", 0)
+            if iscrowd not in (0, 1):
+                raise _field_error(what, json_path, where, "iscrowd", iscrowd, "0 or 1")
+            crowd.append(iscrowd == 1)
+            a = s.get("area")
+            if a is None:
+                area.append(math.nan)
+            elif type(a) in (int, float) and 0 < a < math.inf:
+                area.append(float(a))
+            else:
                 # The reference divides by the area in the IoU union.
-                raise PanopticEvalError(f"{what} JSON {json_path}: image_id {image_id!r} "
-                                        f"segment id {sid} has area {a!r}; expected a "
-                                        "positive number of pixels")
+                raise _field_error(what, json_path, where, "area", a,
+                                   "a positive number of pixels")
     return ids, cats, crowd, area
+
+
+def _annotations_by_image(data: dict, json_path: str, what: str) -> dict:
+    """image_id -> annotation, each annotation checked to be an object with an integer or
+    string `image_id` (COCO's ids are integers; `predict` names images without a numeric
+    stem by their stem), at most one per image."""
+    by_image: dict = {}
+    for position, ann in enumerate(data["annotations"]):
+        if type(ann) is not dict:
+            raise PanopticEvalError(f"{what} JSON {json_path}: annotations[{position}] is "
+                                    f"{ann!r:.80}; expected an object with 'image_id', "
+                                    "'file_name' and 'segments_info'")
+        if "image_id" not in ann:
+            raise PanopticEvalError(f"{what} JSON {json_path}: annotations[{position}]: "
+                                    "'image_id' is missing")
+        iid = ann["image_id"]
+        if type(iid) not in (int, str):
+            raise _field_error(what, json_path, f"annotations[{position}]", "image_id", iid,
+                               "an integer or a string")
+        if iid in by_image:
+            raise PanopticEvalError(f"{what} JSON {json_path} has two annotations for "
+                                    f"image_id {iid!r}")
+        by_image[iid] = ann
+    return by_image
 
 
 def _file_name(ann: dict, json_path: str, what: str) -> str:
@@ -153,20 +189,10 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
     names = [(c["id"], str(c.get("name", c["id"]))) for c in cats]
     cat_index = {cid: i for i, cid in enumerate(category_ids)}
 
-    pred_by_image: dict = {}
-    for ann in pred["annotations"]:
-        iid = ann.get("image_id")
-        if iid in pred_by_image:
-            raise PanopticEvalError(f"prediction JSON {pred_json} has two annotations for "
-                                    f"image_id {iid!r}")
-        pred_by_image[iid] = ann
-    jobs, gt_seen = [], set()
-    for ann in gt["annotations"]:
-        iid = ann.get("image_id")
-        if iid in gt_seen:
-            raise PanopticEvalError(f"ground-truth JSON {gt_json} has two annotations for "
-                                    f"image_id {iid!r}")
-        gt_seen.add(iid)
+    pred_by_image = _annotations_by_image(pred, pred_json, "prediction")
+    jobs = []
+    gt_by_image = _annotations_by_image(gt, gt_json, "ground-truth")
+    for iid, ann in gt_by_image.items():
         if iid not in pred_by_image:
             raise PanopticEvalError(f"no prediction for image_id {iid!r} "
                                     f"({_file_name(ann, gt_json, 'ground-truth')}) in {pred_json}")
@@ -181,7 +207,7 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
             pred_path=os.path.join(pred_dir, _file_name(pann, pred_json, "prediction")),
             gt_ids=gt_ids, gt_cat=gt_cat, gt_crowd=gt_crowd, gt_area=gt_area,
             pred_ids=pred_ids, pred_cat=pred_cat))
-    extra = [i for i in pred_by_image if i not in gt_seen]
+    extra = [i for i in pred_by_image if i not in gt_by_image]
     if extra:
         raise PanopticEvalError(f"prediction JSON {pred_json} has {len(extra)} image(s) absent "
                                 f"from the ground truth {gt_json}, e.g. image_id {extra[0]!r}")

@@ -26,6 +26,7 @@ import zlib
 import deflate
 
 from max_deeplab.evaluation.errors import PanopticEvalError
+from max_deeplab.file_system import read_regular_file
 
 try:
     from max_deeplab.evaluation import _png_overlap
@@ -75,8 +76,7 @@ class PanopticPng:
 def read_png(path: str) -> PanopticPng:
     """Reads `path` and checks its chunk structure, CRCs and header (see module docstring)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path)
     except FileNotFoundError:
         raise PanopticEvalError(f"PNG not found: {path}") from None
     except OSError as e:

@@ -195,17 +195,18 @@ def export_dir_problem(export_dir: str) -> str | None:
         except tf.errors.OpError as e:
             return f"cannot access export directory {export_dir}: {e.message}"
         return None
-    if os.path.isdir(export_dir):
+    target = os.path.realpath(export_dir)  # a symlink: where it points (see the export)
+    if os.path.isdir(target):
         try:
-            if os.listdir(export_dir):
+            if os.listdir(target):
                 return f"export directory {export_dir} exists and is not empty"
         except OSError as e:
             return f"cannot read export directory {export_dir}: {e}"
-    elif os.path.exists(export_dir):
+    elif os.path.exists(target):
         return f"export directory {export_dir} is a file, not a directory"
     # The SavedModel is staged beside export_dir, then renamed: its parent, or the closest
     # existing ancestor when the parent is still to be created, must take new entries.
-    anchor = nearest_existing_path(os.path.dirname(os.path.abspath(export_dir)))
+    anchor = nearest_existing_path(os.path.dirname(target))
     if not os.path.isdir(anchor):
         return f"export directory {export_dir} cannot be created: {anchor} is a file"
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -280,7 +281,9 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
     module = PanopticServingModule(model, table, input_size, postprocess_kwargs, pad_value)
 
     local = not is_url(export_dir)
-    parent = os.path.dirname(os.path.abspath(export_dir)) if local else None
+    # A symlink (to an empty or a new directory) stays one: the SavedModel goes where it points.
+    target = os.path.realpath(export_dir) if local else export_dir
+    parent = os.path.dirname(target) if local else None
     # Staged beside export_dir (same file system, so the final rename is atomic); for a URL
     # in the local temporary directory, then copied.
     staging_root = nearest_existing_path(parent) if local else None
@@ -301,7 +304,7 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
             _copy_to_url(staging, export_dir)
             return export_dir
         os.makedirs(parent, exist_ok=True)
-        if os.path.exists(export_dir):
-            os.rmdir(export_dir)  # empty (checked above)
-        os.replace(staging, export_dir)
+        if os.path.exists(target):
+            os.rmdir(target)  # empty (checked above)
+        os.replace(staging, target)
     return export_dir

@@ -1,9 +1,17 @@
-"""Checkpoint keys of a model's variables and restoring with a clear report of mismatches."""
+"""Checkpoint keys of a model's variables and restoring with a clear report of mismatches.
+
+Also the check that a checkpoint's files are whole (`check_checkpoint`): TensorFlow reports a
+truncated data file as an IndexError "Read less bytes than requested" and a damaged index as
+"not an sstable", naming no file; `train` (resuming or --initial_checkpoint), `evaluate` and
+`export` call it before they build the model.
+"""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -54,6 +62,108 @@ def resolve_checkpoint_path(path: str) -> str:
         return latest
     raise FileNotFoundError(f"no checkpoint at {path!r} (expected a directory holding a "
                             f"'checkpoint' file or a prefix with a '.index' file)")
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint's files are missing, truncated or corrupt (the message names the file)."""
+
+
+_REPAIR_HINT = ("Restore the file from a copy, or, to continue from an earlier checkpoint of "
+                "the same directory, name that one in the directory's 'checkpoint' file")
+
+
+def _first_line(error: BaseException) -> str:
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return message.strip().splitlines()[0]
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
+
+
+def _stored_bytes(reader: tf.train.CheckpointReader, key: str, dtype: tf.DType,
+                  shape: Sequence[int]) -> int:
+    """Bytes of one tensor's value in a checkpoint data file (TensorFlow's tensor bundle:
+    fixed-size values back to back; a string tensor as varint lengths, a 4-byte checksum of
+    them, then the bytes). String tensors (the object graph) are small and read here."""
+    if dtype != tf.string:
+        return math.prod(shape) * dtype.size
+    value = reader.get_tensor(key)
+    strings = [value] if isinstance(value, bytes) else list(value.reshape(-1))
+    return sum(_varint_bytes(len(v)) + len(v) for v in strings) + 4
+
+
+def check_checkpoint(prefix: str) -> None:
+    """Raises CheckpointReadError unless checkpoint `prefix` looks whole: its index reads,
+    and its data files exist and hold at least the bytes of the values the index lists.
+
+    Cheap (the index, the file sizes and the small string tensors; no weight is read), so it
+    runs before a model is built. Catches truncated copies and saves cut short (disk full, a
+    kill mid-copy) and damaged indexes; damage inside a data file that keeps its length
+    surfaces when the values are read (`reading_checkpoint`).
+    """
+    index = prefix + ".index"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        dtypes = reader.get_variable_to_dtype_map()
+        shapes = reader.get_variable_to_shape_map()
+    except (tf.errors.OpError, IndexError, ValueError) as e:
+        raise CheckpointReadError(
+            f"checkpoint {prefix} cannot be read: its index file {index} is truncated or "
+            f"not a checkpoint index ({_first_line(e)}). {_REPAIR_HINT}.") from e
+    data_files = sorted(tf.io.gfile.glob(prefix + ".data-?????-of-?????"))
+    if not data_files:
+        raise CheckpointReadError(
+            f"checkpoint {prefix} has no data file ({prefix}.data-00000-of-00001 missing: "
+            f"only its index {index} is there). {_REPAIR_HINT}.")
+    named = ", ".join(data_files)
+    try:
+        expected = sum(_stored_bytes(reader, key, dtype, shapes[key])
+                       for key, dtype in dtypes.items())
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: "Read less bytes than ..."
+        raise CheckpointReadError(
+            f"checkpoint {prefix} cannot be read: its data file(s) {named} are truncated or "
+            f"corrupt ({_first_line(e)}). {_REPAIR_HINT}.") from e
+    actual = sum(tf.io.gfile.stat(path).length for path in data_files)
+    if actual < expected:
+        raise CheckpointReadError(
+            f"checkpoint {prefix} is truncated: its data file(s) {named} hold {actual} bytes "
+            f"but its index lists {expected} bytes of values (a save or copy cut short?). "
+            f"{_REPAIR_HINT}.")
+
+
+@contextlib.contextmanager
+def reading_checkpoint(prefix: str) -> Iterator[None]:
+    """Within the block, an error of TensorFlow's checkpoint reader (damaged files) becomes
+    a CheckpointReadError naming checkpoint `prefix`."""
+    try:
+        yield
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: "Read less bytes than ..."
+        raise CheckpointReadError(
+            f"checkpoint {prefix} cannot be read: its data is corrupt ({_first_line(e)}). "
+            f"{_REPAIR_HINT}.") from e
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Removes what checkpoint saves killed outright (SIGKILL, power loss) left in
+    `directory`: TensorFlow writes a checkpoint into ``PREFIX_temp/`` and its state file
+    through ``checkpoint.tmp<hex>`` before renaming them into place. Returns what it
+    removed. Only for a directory no other process is saving into (a run's chief, at start).
+    """
+    directory = directory.rstrip("/")
+    gfile = tf.io.gfile
+    removed = []
+    leftovers = gfile.glob(f"{directory}/*_temp") + gfile.glob(f"{directory}/checkpoint.tmp*")
+    for path in sorted(leftovers):
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith("_temp") and gfile.isdir(path):
+            gfile.rmtree(path)
+        elif name.startswith("checkpoint.tmp") and not gfile.isdir(path):
+            gfile.remove(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def shape_mismatch_lines(entries: list[str], header: str = "with a different shape",
@@ -134,9 +244,11 @@ def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
     Checkpoints hold the model under `root_name` (`tf.train.Checkpoint(model=model, ...)`);
     other entries (optimizer, step) are ignored. Raises ValueError listing unmatched
     variables on each side (with the closest shape matches) if any model weight is missing
-    or has another shape. Returns the checkpoint prefix that was read.
+    or has another shape, CheckpointReadError (a ValueError) naming a damaged file. Returns
+    the checkpoint prefix that was read.
     """
     prefix = resolve_checkpoint_path(path)
+    check_checkpoint(prefix)
     reader = tf.train.load_checkpoint(prefix)
     available = reader.get_variable_to_shape_map()
     wanted = checkpoint_keys({root_name: model})
@@ -149,5 +261,6 @@ def restore(model: tf.keras.Model, path: str, *, root_name: str = "model",
         message.extend(shape_mismatch_lines(match.wrong_shape))
         message.append(describe_mismatch(match.missing, unused))
         raise ValueError("\n".join(m for m in message if m))
-    match.assign_from(reader)
+    with reading_checkpoint(prefix):
+        match.assign_from(reader)
     return prefix

@@ -30,6 +30,7 @@ import tf_keras as tfk
 from absl import logging
 
 from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.training.save_on_interrupt import SaveOnInterrupt
 from max_deeplab.training.trainer import Evaluator, Trainer
 
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
@@ -185,6 +186,10 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
                    ) -> dict | None:
     """Builds everything under `strategy.scope()` and runs `mode`; returns eval metrics.
 
+    A KeyboardInterrupt (Ctrl-C; SIGTERM within `interruption.signals_raise_interrupted`)
+    ends the run with `TrainingInterrupted`, after saving the current step's state when
+    training on one worker (`save_on_interrupt`).
+
     `train_dataset_fn(input_context, global_batch_size)` / `eval_dataset_fn(...)` return a
     `tf.data.Dataset` of per-replica batches; `loss_fn(outputs, targets, global_batch_size=)`
     is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced).
@@ -198,7 +203,8 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
                          f"{opts['mixed_precision']!r}")
     # The policy applies to what is built during this run only: a model built afterwards in
     # the same process (tests, notebooks, export after training) gets the previous one.
-    with _global_dtype_policy("mixed_bfloat16" if opts["mixed_precision"] else None):
+    with _global_dtype_policy("mixed_bfloat16" if opts["mixed_precision"] else None), \
+            SaveOnInterrupt() as on_interrupt:
         total_steps = int(opts["total_steps"])
         training = mode in ("train", "train_and_eval")
         evaluating = mode != "train"
@@ -237,7 +243,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             evaluator = Evaluator(strategy, model, loss_fn, dataset, batch, is_thing or [],
                                   postprocess_fn, global_step, label_divisor=label_divisor,
                                   image_summary_dir=os.path.join(write_dir, "eval_images"),
-                                  jit_compile=opts["jit_compile"])
+                                  jit_compile=opts["jit_compile"], print_fn=print_fn)
 
         init_fn = None
         if opts["initial_checkpoint"] and training:
@@ -281,6 +287,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             summary_dir=os.path.join(write_dir, "train") if training else None,
             summary_interval=steps_per_loop if training else None,
             eval_summary_dir=os.path.join(write_dir, "eval") if evaluating else None)
+        if training and handler is None and write_dir == model_dir:
+            # Restored: Ctrl-C / SIGTERM from now on saves the current step (see the module).
+            on_interrupt.arm(manager, global_step)
 
         result = None
         if mode == "train":

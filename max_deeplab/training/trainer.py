@@ -12,12 +12,19 @@ Lookahead update) is one XLA program, which is what TPUStrategy compiles.
 Non-finite losses: every step records the first step whose total loss is not finite; the
 train loop's end (before orbit saves a checkpoint) raises `NonFiniteLossError`, so the
 checkpoint on disk stays the last good one.
+
+Output: the trainer prints one progress line per loop (preceded, before the first step, by
+a line saying the step is being compiled: tens of seconds of silence otherwise), the
+evaluator one PQ table per evaluation. orbit's Controller prints each loop's output dict too
+(numpy scalars as ``np.float32(...)``); within `orbit_output_dicts_logged_only()` those go to
+the log only.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import orbit
@@ -32,6 +39,35 @@ LossFn = Callable[..., Mapping[str, tf.Tensor]]
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; training stopped without saving that state."""
+
+
+@contextlib.contextmanager
+def orbit_output_dicts_logged_only() -> Iterator[None]:
+    """Within the block, orbit's Controller logs its "train | ... | output: {...}" and
+    " eval | ... | output: {...}" lines without printing them (the Trainer's progress line
+    and the Evaluator's table say the same); its other lines (checkpoint saved, restored)
+    are printed as before.
+
+    orbit has no option for this: its module-level `_log` is swapped for the block.
+    """
+    from orbit import controller
+
+    original = getattr(controller, "_log", None)
+    if original is None:  # another orbit version: it prints, as before
+        yield
+        return
+
+    def log(message: str) -> None:
+        if "| output:" in message:
+            logging.info(message)
+        else:
+            original(message)
+
+    controller._log = log
+    try:
+        yield
+    finally:
+        controller._log = original
 
 
 def _format_duration(seconds: float) -> str:
@@ -93,6 +129,7 @@ class Trainer(orbit.StandardTrainer):
         self._replica_step_fn = replica_step
         self._loop_start_time = 0.0
         self._loop_start_step = 0
+        self._compiled = False
         super().__init__(train_dataset, options=orbit.StandardTrainerOptions(
             use_tf_while_loop=False))
 
@@ -138,6 +175,11 @@ class Trainer(orbit.StandardTrainer):
         self._step_count.assign(0.0)
         self._loop_start_time = time.time()
         self._loop_start_step = int(self.global_step.numpy())
+        if not self._compiled:
+            self._compiled = True
+            # Not a "step N/M |" line: those are the progress lines (scripts parse them).
+            self._print(f"compiling the training step (the first step takes a while; "
+                        f"training from step {self._loop_start_step} to {self.total_steps}) ...")
 
     def current_learning_rate(self) -> float:
         """The (base, unmultiplied) learning rate of the last update."""
@@ -214,6 +256,7 @@ class Evaluator(orbit.StandardEvaluator):
       image_summary_dir: where sample predictions are written as TensorBoard images.
       num_summary_images: how many images of the first batch are written.
       jit_compile: as for `Trainer`.
+      print_fn: where the PQ table of each evaluation goes.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: tfk.Model, loss_fn: LossFn,
@@ -221,7 +264,7 @@ class Evaluator(orbit.StandardEvaluator):
                  postprocess_fn: Callable[..., Mapping[str, tf.Tensor]],
                  global_step: tf.Variable, label_divisor: int = 256,
                  image_summary_dir: str | None = None, num_summary_images: int = 3,
-                 jit_compile: bool = False):
+                 jit_compile: bool = False, print_fn: Callable[[str], None] = print):
         from max_deeplab.evaluation import PanopticQualityAccumulator
 
         self.strategy = strategy
@@ -239,6 +282,7 @@ class Evaluator(orbit.StandardEvaluator):
         self._image_writer = (tf.summary.create_file_writer(image_summary_dir)
                               if image_summary_dir else None)
         self._num_summary_images = num_summary_images
+        self._print = print_fn
         step = self._replica_step
         if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
             step = tf.function(step, jit_compile=True)
@@ -304,5 +348,11 @@ class Evaluator(orbit.StandardEvaluator):
                                                                   self.label_divisor),
                                  max_outputs=self._num_summary_images)
             self._image_writer.flush()
+        from max_deeplab.evaluation.pq_core import format_table
+
+        losses = " ".join(f"{k[len('losses/'):]}={v:.4f}" for k, v in sorted(logs.items())
+                          if k.startswith("losses/"))
+        self._print(f"eval at step {int(self.global_step.numpy())} | {losses}\n"
+                    f"{format_table(result)}")
         logging.info("eval at step %d: %s", int(self.global_step.numpy()), logs)
         return logs
