@@ -11,7 +11,9 @@
 # Usage: scripts/overfit_coco_samples.sh [OUTPUT_DIR (default: overfit_coco_output)]
 # OUTPUT_DIR is relative to the directory you run it in; the outputs of an earlier run in it
 # are replaced.
-# Set OVERFIT_STEPS to change the number of training steps (default: the gin config's).
+# Set OVERFIT_STEPS to change the number of training steps (default: the gin config's) and
+# OVERFIT_SEED the run's seed (default 0: the same initialisation, data order and
+# augmentation every time; `train --seed`).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-overfit_coco_output}
@@ -36,7 +38,8 @@ say "2/4 train and evaluate on them (configs/overfit_coco_samples.gin) -> $OUT/m
 train_start=$(date +%s)
 "$MD" train --strategy one_device --mode train_and_eval --model_dir "$OUT/model" \
   --gin_file overfit_coco_samples.gin --train_data "$OUT/tfrecords/coco2-*" \
-  --eval_data "$OUT/tfrecords/coco2-*" "${step_flags[@]}" 2>&1 | tee "$OUT/train.log"
+  --eval_data "$OUT/tfrecords/coco2-*" --seed "${OVERFIT_SEED:-0}" ${step_flags[@]+"${step_flags[@]}"} \
+  2>&1 | tee "$OUT/train.log"
 train_end=$(date +%s)
 
 say "3/4 export, predict on the photos at their real sizes -> $OUT/predictions"
@@ -62,14 +65,14 @@ TXT
 "$REPO/.venv/bin/python" - "$OUT/train.log" "$OUT/pq.json" <<'PY'
 import json, re, sys
 log, pq_json = sys.argv[1:3]
-# orbit prints " eval | step: N | ..." then the metrics dict, one 'key': value per line.
-curve, step = [], None
+# train prints "eval at step N | <losses>", then a PQ table with rows "All | PQ SQ RQ N".
+curve, step, values = [], None, {}
 for line in open(log):
-    match = re.match(r"\s*eval \| step:\s*(\d+) \| eval time", line)
+    match = re.match(r"eval at step (\d+) \|", line)
     if match:
         step, values = int(match.group(1)), {}
         continue
-    match = re.search(r"'(PQ|PQ_things|PQ_stuff)': (?:np\.float\d+\()?([0-9.eE+-]+)", line)
+    match = re.match(r"(All|Things|Stuff)\s*\|\s*([0-9.]+)", line)
     if step is not None and match:
         values[match.group(1)] = float(match.group(2))
         if len(values) == 3:
@@ -78,8 +81,7 @@ for line in open(log):
 print("\nPQ curve (evaluation during training, at the model's 257x385 input):")
 print("   step     PQ  Things   Stuff")
 for step, v in curve:
-    print(f"  {step:5d}  {100 * v['PQ']:5.1f}   {100 * v['PQ_things']:5.1f}   "
-          f"{100 * v['PQ_stuff']:5.1f}")
+    print(f"  {step:5d}  {v['All']:5.1f}   {v['Things']:5.1f}   {v['Stuff']:5.1f}")
 m = json.load(open(pq_json))
 print("\nPQ of the exported model's predictions at the photos' real sizes (max-deeplab pq): "
       f"All {100 * m['All']['pq']:.1f}, Things {100 * m['Things']['pq']:.1f}, "
