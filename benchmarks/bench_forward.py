@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tensorflow as tf  # noqa: E402
 from machine_units import matmul_unit, median_seconds  # noqa: E402
 
-from max_deeplab.cli.gin_flags import parse_gin_flags  # noqa: E402
+from max_deeplab.gin_config import parse_config  # noqa: E402
 from max_deeplab.model import build_model  # noqa: E402
 from max_deeplab.model.summary import model_flops  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     unit_s, peak = matmul_unit()
     print(f"unit: 4096^3 fp32 matmul = {unit_s:.3f} s ({peak / 1e9:.0f} GFLOP/s)")
-    parse_gin_flags([args.config], [f"build_model.input_size = ({args.size}, {args.size})"])
+    parse_config([args.config], [f"build_model.input_size = ({args.size}, {args.size})"])
     model = build_model()
     flops, semantic_flops = model_flops(model, (args.size, args.size))
     # Inference runs without the training-only semantic branch.

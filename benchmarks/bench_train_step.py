@@ -23,13 +23,13 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 import tensorflow as tf
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
 config, crop, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-parse_gin_flags([config], [f"build_model.input_size = ({crop}, {crop})"])
+parse_config([config], [f"build_model.input_size = ({crop}, {crop})"])
 model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots

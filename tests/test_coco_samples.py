@@ -310,12 +310,12 @@ def test_max_deeplab_s_predicts_on_the_real_photos(tmp_path, capsys):
     stuff merging and resize back to 640x427 / 640x360 all run; the reference evaluator
     accepts the results."""
     from max_deeplab.cli import export as export_cli
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
     bindings = [f"max_deeplab.inference.postprocess.{name} = 0.0" for name in
                 ("class_threshold", "pixel_threshold", "thing_area_limit", "stuff_area_limit")]
-    parse_gin_flags(["max_deeplab_s_coco_641.gin"], bindings)
+    parse_config(["max_deeplab_s_coco_641.gin"], bindings)
     model = build_model()
     assert model.output_shape["class_logits"][1:] == (128, 134)
     tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt" / "ckpt"))

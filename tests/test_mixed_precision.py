@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as tfk
 
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import OUTPUT_KEYS, build_model
 from max_deeplab.training import build_optimizer
@@ -84,7 +84,7 @@ def _batch(seed: int = 0, batch_size: int = 2) -> dict[str, tf.Tensor]:
 @pytest.fixture(scope="module")
 def models() -> tuple[tfk.Model, tfk.Model]:
     """(float32 model, mixed_bfloat16 model) of configs/tiny.gin with the same weights."""
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     float32_model = _build("float32")
     _randomise_batch_norm(float32_model)
     bfloat16_model = _build("mixed_bfloat16", seed=1)
@@ -162,7 +162,7 @@ def test_bfloat16_outputs_and_losses_match_float32(models, training):
 def test_xla_train_step_under_mixed_bfloat16(models):
     _, model = models
     # No warmup: the first step's learning rate is the base rate, so weights must move.
-    parse_gin_flags(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 0"])
+    parse_config(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 0"])
     loss_fn = MaXDeepLabLoss(matching_backend="tf")
     optimizer = build_optimizer(total_steps=10)
     variables = model.trainable_variables

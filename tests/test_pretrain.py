@@ -18,8 +18,8 @@ import tensorflow_datasets as tfds
 import tf_keras as tfk
 from shared_strategies import mirrored_two_cpus
 
-from max_deeplab.cli.gin_flags import parse_gin_flags
 from max_deeplab.data.imagenet import ImageNetNotFoundError, imagenet_dataset
+from max_deeplab.gin_config import parse_config
 from max_deeplab.model.checkpoints import checkpoint_keys
 from max_deeplab.training.initial_checkpoint import (
     backbone_variables,
@@ -215,7 +215,7 @@ def tiny_models():
     """The tiny panoptic model and a tiny pretraining classifier (both gin tiny.gin)."""
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     panoptic = build_model(input_size=(33, 33))
     classifier = build_classifier(num_classes=1000, image_size=IMAGE_SIZE)
     return panoptic, classifier
@@ -346,9 +346,9 @@ def test_wrong_architecture_is_a_clear_error(tiny_models, tmp_path):
     assert "_stage2/_block1" in str(info.value)
 
     # A classifier of another width: the same names, other shapes.
-    parse_gin_flags(["tiny.gin"], ["MaXDeepLabEncoder.width_multiplier = 0.25"])
+    parse_config(["tiny.gin"], ["MaXDeepLabEncoder.width_multiplier = 0.25"])
     wider = build_classifier(num_classes=10, image_size=IMAGE_SIZE)
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     prefix = tf.train.Checkpoint(model=wider).write(str(tmp_path / "wider"))
     before = [v.numpy() for v in panoptic.variables]
     with pytest.raises(ValueError, match=r"different shape") as info:
@@ -382,11 +382,11 @@ def test_backbone_keys_of_l_shaped_model():
                 "MaXDeepLabEncoder.extra_decoder_use_transformer_beyond_stride = 16",
                 "MaXDeepLabEncoder.backbone_decoder_num_stacks = 1",
                 "MaXDeepLabEncoder.extra_decoder_num_stacks = 1"]
-    parse_gin_flags(["tiny.gin"], bindings)
+    parse_config(["tiny.gin"], bindings)
     panoptic = build_model(input_size=(33, 33))
     classifier = BackboneClassifier(num_classes=10)
     classifier(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3]))
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     classifier_keys = checkpoint_keys(classifier.encoder)
     assert any(k.startswith("_decoder_stage") for k in classifier_keys)
     assert set(backbone_variables(panoptic)) == set(classifier_keys)
@@ -404,7 +404,7 @@ def test_pretraining_step_compiles_with_xla(tmp_path):
     """TPU readiness (DESIGN.md §7): the whole train step as one XLA program on CPU."""
     from max_deeplab.training.pretrain import run_pretraining
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     with mock_imagenet():
         result = run_pretraining(
             mode="train_and_eval", model_dir=str(tmp_path / "m"),

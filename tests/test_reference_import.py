@@ -23,7 +23,7 @@ import tf_keras as tfk
 from reference_data import REFERENCE_DIR
 
 from max_deeplab.cli import import_checkpoint as cli
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.inference import postprocess
 from max_deeplab.model import build_model, restore
 from max_deeplab.model.reference_import import (
@@ -57,7 +57,7 @@ def _listing(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _model(gin_file: str) -> tfk.Model:
-    parse_gin_flags([gin_file], [])
+    parse_config([gin_file], [])
     return build_model()
 
 

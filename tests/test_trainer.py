@@ -421,11 +421,11 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
     Lookahead) under jit_compile=True gives the plain step's loss and update."""
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.losses import MaXDeepLabLoss
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 1"])
+    parse_config(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 1"])
     height, width = gin.query_parameter("build_model.input_size")
     rng = np.random.default_rng(0)
     k = 6
@@ -471,12 +471,12 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
 
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.inference.postprocess import postprocess
     from max_deeplab.losses import MaXDeepLabLoss
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     height, width = gin.query_parameter("build_model.input_size")
     num_classes = 8
     is_thing = [c % 2 == 0 for c in range(num_classes)]

@@ -20,25 +20,25 @@ from typing import Any
 
 from absl import flags
 
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
 
+FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (images, annotations, "
-                    "categories).", allow_override=True)
+                    "categories).", flag_values=FLAGS)
 flags.DEFINE_string("gt_dir", None, "Directory of the ground-truth panoptic PNGs.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("images_dir", None, "Directory of the photos named by the JSON's "
-                    "images[].file_name.", allow_override=True)
+                    "images[].file_name.", flag_values=FLAGS)
 flags.DEFINE_string("pred_json", None, "Optional prediction COCO panoptic JSON.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("pred_dir", None, "Directory of the prediction PNGs (with --pred_json).",
-                    allow_override=True)
-flags.DEFINE_string("output_dir", None, "Directory for the drawings.", allow_override=True)
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Directory for the drawings.", flag_values=FLAGS)
 flags.DEFINE_float("scale", 1.0, "Resize factor applied before drawing.", lower_bound=0.05,
-                   allow_override=True)
+                   flag_values=FLAGS)
 flags.DEFINE_string("combined", None, "Optional PNG path: every image's drawing stacked.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 
-FLAGS = flags.FLAGS
 # Thing segments of one class in an image are numbered below this (COCO has < 1000).
 _LABEL_DIVISOR = 1 << 16
 TITLE_HEIGHT = 18
@@ -174,7 +174,7 @@ def _draw_all() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
     for name in ("gt_json", "gt_dir", "images_dir", "output_dir"):
         if not getattr(FLAGS, name):

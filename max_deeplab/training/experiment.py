@@ -30,11 +30,9 @@ import tf_keras as tfk
 from absl import logging
 
 from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.training.modes import MODES, STRATEGIES
 from max_deeplab.training.save_on_interrupt import SaveOnInterrupt
 from max_deeplab.training.trainer import Evaluator, Trainer
-
-MODES = ("train", "eval", "train_and_eval", "continuous_eval")
-STRATEGIES = ("mirrored", "multi_worker", "one_device", "tpu")
 
 
 def create_strategy(strategy: str, tpu: str | None = None,

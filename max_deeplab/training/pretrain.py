@@ -40,9 +40,9 @@ from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data.imagenet import imagenet_dataset
 from max_deeplab.model.encoder import MaXDeepLabEncoder
 from max_deeplab.model.max_deeplab import batch_norm_layer
+from max_deeplab.training.modes import PRETRAIN_MODES
 from max_deeplab.training.trainer import Trainer
 
-MODES = ("train", "eval", "train_and_eval")
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 KERNEL_REGEX = re.compile(r"kernel(:\d+)?$")
 
@@ -264,8 +264,8 @@ def run_pretraining(*, mode: str, model_dir: str, strategy: tf.distribute.Strate
     summaries go to `model_dir/train`, eval summaries to `model_dir/eval` and the last
     eval result to `model_dir/eval/metrics.json`.
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    if mode not in PRETRAIN_MODES:
+        raise ValueError(f"--mode must be one of {PRETRAIN_MODES}, got {mode!r}")
     opts = dict(pretrain_options())
     opts.update(options or {})
     total_steps = total_train_steps(opts)
