@@ -19,12 +19,7 @@ from shared_strategies import mirrored_two_cpus
 from max_deeplab.model.max_deeplab import batch_norm_layer
 from max_deeplab.training import build_optimizer
 from max_deeplab.training.experiment import load_initial_checkpoint, run_experiment
-from max_deeplab.training.trainer import (
-    Evaluator,
-    NonFiniteLossError,
-    Trainer,
-    targets_to_panoptic,
-)
+from max_deeplab.training.trainer import Evaluator, NonFiniteLossError, Trainer
 
 H = W = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,15 +354,6 @@ def test_resume_restores_the_checkpointed_slow_weights(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_targets_to_panoptic():
-    segment_ids = tf.constant([[[0, 1], [-1, 2]]])
-    classes = tf.constant([[3, 5, 5]])
-    valid = tf.constant([[True, True, True]])
-    thing = tf.constant([[False, True, True]])
-    got = targets_to_panoptic(segment_ids, classes, valid, thing, label_divisor=256).numpy()
-    np.testing.assert_array_equal(got, [[[4 * 256, 6 * 256 + 2], [0, 6 * 256 + 3]]])
-
-
 class Echo(tfk.Model):
     """Stand-in whose 'prediction' is channel 0 of the image (the class label + 1)."""
 
@@ -392,7 +378,8 @@ def test_evaluator_pq(perfect):
     batch = {"image": tf.constant(np.repeat(label[..., None], 3, -1)),
              "segment_ids": tf.constant(ids), "segment_classes": tf.constant(classes),
              "segment_valid": tf.ones((2, 2), tf.bool),
-             "segment_is_thing": tf.zeros((2, 2), tf.bool)}
+             "segment_is_thing": tf.zeros((2, 2), tf.bool),
+             "panoptic": tf.constant(np.where(ids == 0, 0, 2 * 256), tf.int32)}
     perfect_batch = dict(batch)
     dataset = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensors(perfect_batch))
@@ -495,6 +482,11 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
              "semantic": tf.constant(np.where(ids >= 0, np.take_along_axis(
                  classes, np.maximum(ids, 0).reshape(2, -1), 1).reshape(ids.shape), -1),
                  tf.int32)}
+    # The ground-truth map of the same segments (thing instance = segment index + 1).
+    pixel_class = batch["semantic"].numpy()
+    instance = np.where(np.array(is_thing)[np.maximum(pixel_class, 0)], ids + 1, 0)
+    batch["panoptic"] = tf.constant(np.where(ids >= 0, pixel_class * 256 + instance, -1),
+                                    tf.int32)
     postprocess_fn = functools.partial(
         postprocess, is_thing=is_thing, class_threshold=0.0, pixel_threshold=0.0,
         thing_area_limit=0, stuff_area_limit=0)

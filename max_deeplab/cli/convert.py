@@ -21,7 +21,7 @@ import sys
 from absl import flags
 
 from max_deeplab.cli import shared_flags
-from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 
 FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("annotations", None, "COCO panoptic annotation JSON.", flag_values=FLAGS)
@@ -35,7 +35,7 @@ flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards.", lower_bound=
                      flag_values=FLAGS)
 flags.DEFINE_integer("num_workers", None, "Decoding worker processes (default: the usable "
                      "CPU cores; 1 = convert in this process).", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("label_divisor", DEFAULT_LABEL_DIVISOR,
+flags.DEFINE_integer("label_divisor", LABEL_DIVISOR,
                      "panoptic = class * label_divisor + instance.", lower_bound=2,
                      flag_values=FLAGS)
 

@@ -21,6 +21,7 @@ from typing import Any
 from absl import flags
 
 from max_deeplab.cli import shared_flags
+from max_deeplab.panoptic_labels import PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 
 FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (images, annotations, "
@@ -69,7 +70,8 @@ def overlay_table(categories: Any, source: str) -> dict[str, Any]:
         table = category_table({"categories": categories}, len(categories or []))
     except ValueError as e:
         raise InputError(f"{source}: {e}") from e
-    return {**table, "label_divisor": _LABEL_DIVISOR, "label_offset": 1, "void_label": 0}
+    return {**table, "label_divisor": _LABEL_DIVISOR, "label_offset": PREDICTION_LABEL_OFFSET,
+            "void_label": PREDICTION_VOID}
 
 
 def _panel(photo_path: str, png_path: str, segments: list[dict[str, Any]],
@@ -78,9 +80,9 @@ def _panel(photo_path: str, png_path: str, segments: list[dict[str, Any]],
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from max_deeplab.data.coco_format import rgb_to_id
     from max_deeplab.inference.coco_results import coco_to_panoptic
     from max_deeplab.inference.visualize import overlay
+    from max_deeplab.panoptic_labels import rgb_to_id
 
     try:
         with Image.open(photo_path) as im:

@@ -221,8 +221,9 @@ def main(argv: list[str]) -> int:
     import tensorflow as tf
     from PIL import Image
 
-    from max_deeplab.inference.coco_results import id_to_rgb, panoptic_to_coco
+    from max_deeplab.inference.coco_results import panoptic_to_coco
     from max_deeplab.inference.visualize import overlay
+    from max_deeplab.panoptic_labels import id_to_rgb
 
     overlay_dir = os.path.join(FLAGS.output_dir, OVERLAY_DIR)
     png_dir = os.path.join(FLAGS.output_dir, PANOPTIC_DIR)

@@ -35,6 +35,7 @@ from max_deeplab.file_system import (
     remove_empty_dirs,
 )
 from max_deeplab.interruption import signal_name, signals_held
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 
 _WORKER_STATE: dict[str, Any] = {}
 
@@ -162,7 +163,7 @@ def _write_temporaries(dataset: coco_format.CocoPanoptic, temps: list[str], num_
 
 def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix: str,
             num_shards: int = 8, num_workers: int | None = None,
-            label_divisor: int = schema.DEFAULT_LABEL_DIVISOR,
+            label_divisor: int = LABEL_DIVISOR,
             log: Callable[[str], None] = print, progress_every_s: float = 5.0
             ) -> dict[str, Any]:
     """Converts a COCO panoptic data set; returns the metadata written beside the shards.

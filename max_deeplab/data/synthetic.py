@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from max_deeplab.atomic_files import write_json_atomic
-from max_deeplab.data.coco_format import id_to_rgb
 from max_deeplab.file_system import create_missing_dirs, remove_empty_dirs
+from max_deeplab.panoptic_labels import id_to_rgb
 
 # (COCO-style id, name, isthing, colour used for visualisation, base hue of its pixels)
 CATEGORIES: tuple[tuple[int, str, int, tuple[int, int, int], float], ...] = (

@@ -31,6 +31,7 @@ from max_deeplab.data.metadata import categories_problem
 from max_deeplab.evaluation.errors import PanopticEvalError
 from max_deeplab.evaluation.panoptic_png import ID_BITS, pair_overlap_counts
 from max_deeplab.evaluation.pq_core import PQStats
+from max_deeplab.panoptic_labels import id_to_rgb
 
 __all__ = ["PanopticEvalError", "build_jobs", "compute_stats", "evaluate_image", "pq_compute"]
 
@@ -215,7 +216,7 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
 
 
 def _rgb(sid: int) -> str:
-    return f"RGB ({sid % 256}, {sid // 256 % 256}, {sid // 65536})"
+    return f"RGB {id_to_rgb(sid)}"
 
 
 def evaluate_image(job: _ImageJob, stats: PQStats) -> None:

@@ -27,15 +27,15 @@ import deflate
 
 from max_deeplab.evaluation.errors import PanopticEvalError
 from max_deeplab.file_system import read_regular_file
+from max_deeplab.panoptic_labels import PNG_ID_BITS
 
 try:
     from max_deeplab.evaluation import _png_overlap
 except ImportError:  # the optional C extension was not compiled at install time
     _png_overlap = None
 
-# Segment ids are 24-bit (three 8-bit channels); an overlap key is (gt_id << ID_BITS) |
-# pred_id, as the C extension builds it.
-ID_BITS = 24
+# An overlap key is (gt_id << ID_BITS) | pred_id, as the C extension builds it.
+ID_BITS = PNG_ID_BITS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types (IHDR byte 9) that carry R, G, B samples: truecolour (+ alpha). The
 # others have no RGB id.

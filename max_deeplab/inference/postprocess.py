@@ -85,6 +85,7 @@ from max_deeplab.inference.slot_maps import (
     static_slot_maps,
     upsample_logits,
 )
+from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 from max_deeplab.xla_compilation import in_xla_compilation
 
 __all__ = ["RESIZE_METHODS", "RULES", "postprocess", "scaled_area_limit", "upsample_logits"]
@@ -122,9 +123,9 @@ def postprocess(
     thing_area_limit: float = 256,
     stuff_area_limit: float = 4096,
     area_limit_reference_size: int | None = 1025,
-    label_divisor: int = 256,
-    label_offset: int = 1,
-    void_label: int = 0,
+    label_divisor: int = LABEL_DIVISOR,
+    label_offset: int = PREDICTION_LABEL_OFFSET,
+    void_label: int = PREDICTION_VOID,
     weight_masks_by_class_confidence: bool = True,
     resize_method: str = "align_corners",
     dynamic_shapes: bool | None = None,

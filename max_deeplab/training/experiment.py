@@ -30,6 +30,7 @@ import tf_keras as tfk
 from absl import logging
 
 from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 from max_deeplab.training.modes import MODES, STRATEGIES
 from max_deeplab.training.save_on_interrupt import SaveOnInterrupt
 from max_deeplab.training.trainer import Evaluator, Trainer
@@ -179,7 +180,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
                    train_dataset_fn: Callable | None = None,
                    eval_dataset_fn: Callable | None = None,
                    is_thing: list[bool] | None = None,
-                   postprocess_fn: Callable | None = None, label_divisor: int = 256,
+                   postprocess_fn: Callable | None = None, label_divisor: int = LABEL_DIVISOR,
                    options: dict | None = None, print_fn: Callable[[str], None] = print
                    ) -> dict | None:
     """Builds everything under `strategy.scope()` and runs `mode`; returns eval metrics.
