@@ -34,7 +34,7 @@ model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots
 loss_fn = MaXDeepLabLoss(matching_backend="scipy")
-optimizer = build_optimizer(total_steps=100000)  # > the default 5000 warmup steps
+optimizer = build_optimizer(total_steps=100000, model=model)  # > the default 5000 warmups
 rng = np.random.default_rng(0)
 k = min(8, slots)
 segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)

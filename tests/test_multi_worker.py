@@ -155,7 +155,7 @@ STANDIN_WORKER = textwrap.dedent("""
     run_experiment(
         mode="train", model_dir=model_dir, strategy=create_strategy("multi_worker"),
         model_fn=model_fn, loss_fn=t.standin_loss,
-        optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+        optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
         train_dataset_fn=lambda ctx, batch: t.dataset_fn(batch)(ctx),
         options=dict(total_steps=steps, train_batch_size=4, checkpoint_every=2,
                      steps_per_loop=1))

@@ -287,7 +287,7 @@ def _standin_experiment(model_dir, print_fn, steps: int = 8, model_fn=None):
             mode="train", model_dir=str(model_dir),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn or build,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=lambda ctx, batch: dataset_fn(batch)(ctx),
             options=dict(total_steps=steps, train_batch_size=2, checkpoint_every=4,
                          steps_per_loop=2),

@@ -35,6 +35,11 @@ class StandIn(tfk.Model):
         self.head = tfk.layers.Dense(2, name="head",
                                      kernel_initializer=tfk.initializers.GlorotUniform(2))
 
+    @property
+    def backbone_variables(self):
+        """What `build_optimizer` gives the backbone learning-rate multiplier."""
+        return self.encoder.variables
+
     def call(self, images, training=None):
         return {"out": self.head(tf.nn.relu(self.encoder(images / 255.0)))}
 
@@ -74,8 +79,7 @@ def train_with(strategy, steps: int, batch: int = 4, jit: bool = False):
     with strategy.scope():
         model = StandIn()
         model(tf.zeros([1, H, W, 3]))
-        optimizer = build_optimizer(total_steps=100, base_learning_rate=0.05,
-                                    backbone_variable_regex=r"encoder/",
+        optimizer = build_optimizer(total_steps=100, model=model, base_learning_rate=0.05,
                                     **{"lookahead_sync_period": 2})
         step = tf.Variable(0, dtype=tf.int64)
     dataset = strategy.distribute_datasets_from_function(dataset_fn(batch))
@@ -150,7 +154,7 @@ def test_synchronized_batch_norm_makes_two_replicas_match_one(synchronized):
         with strategy.scope():
             model = StandInWithBatchNorm(synchronized)
             model(tf.zeros([1, H, W, 3]))
-            optimizer = build_optimizer(total_steps=100, base_learning_rate=0.05)
+            optimizer = build_optimizer(total_steps=100, model=model, base_learning_rate=0.05)
             step = tf.Variable(0, dtype=tf.int64)
         dataset = strategy.distribute_datasets_from_function(dataset_fn(4))
         Trainer(strategy, model, standin_loss, optimizer, dataset, step, 4, 3,
@@ -170,7 +174,7 @@ def _run(model_dir, mode="train", steps=6, nan_from_step=None, **options):
         model_fn=lambda: (lambda m: (m(tf.zeros([1, H, W, 3])), m)[1])(StandIn()),
         loss_fn=standin_loss,
         # A fixed schedule length, so that runs stopped at different steps share it.
-        optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+        optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
         train_dataset_fn=lambda ctx, batch: dataset_fn(batch, nan_from_step)(ctx),
         options=dict(total_steps=steps, train_batch_size=2, checkpoint_every=2,
                      steps_per_loop=2, **options),
@@ -252,7 +256,7 @@ def test_sigkill_resume_same_step_and_optimizer_state(tmp_path):
     with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
         model = StandIn()
         model(tf.zeros([1, H, W, 3]))
-        optimizer = build_optimizer(100, base_learning_rate=0.05)
+        optimizer = build_optimizer(100, model, base_learning_rate=0.05)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=step)
@@ -298,8 +302,8 @@ def _run_capturing(model_dir, steps, **options):
         built["model"](tf.zeros([1, H, W, 3]))
         return built["model"]
 
-    def optimizer_fn(total):
-        built["optimizer"] = build_optimizer(100, base_learning_rate=1e-3)
+    def optimizer_fn(total, model):
+        built["optimizer"] = build_optimizer(100, model, base_learning_rate=1e-3)
         return built["optimizer"]
 
     run_experiment(
@@ -429,7 +433,7 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
         with strategy.scope():
             tfk.utils.set_random_seed(0)
             model = build_model()
-            optimizer = build_optimizer(100)
+            optimizer = build_optimizer(100, model)
             step = tf.Variable(0, dtype=tf.int64)
         initial = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
         dataset = strategy.experimental_distribute_dataset(
@@ -525,7 +529,7 @@ def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
             mode="train", model_dir=str(tmp_path),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=lambda ctx, batch: dataset_fn(batch, None)(ctx),
             options=dict(total_steps=2, mixed_precision="bfloat16"), print_fn=lambda line: None)
     assert seen == ["mixed_bfloat16"]
@@ -559,7 +563,7 @@ def test_images_of_another_size_than_the_model_are_an_error(tmp_path):
             mode="train", model_dir=str(model_dir),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=data_fn(width),
             options=dict(total_steps=1, train_batch_size=2, checkpoint_every=1),
             print_fn=lambda line: None)

@@ -30,12 +30,8 @@ def main(argv: list[str]) -> int:
     import gin
 
     from max_deeplab.model import build_model
-    from max_deeplab.model.summary import (
-        PART_DESCRIPTIONS,
-        inference_params,
-        model_flops,
-        parameter_counts,
-    )
+    from max_deeplab.model.partition import PART_DESCRIPTIONS
+    from max_deeplab.model.summary import inference_params, model_flops, parameter_counts
 
     model = build_model()
     input_size = gin.query_parameter("build_model.input_size") if _bound(

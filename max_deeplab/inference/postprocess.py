@@ -85,6 +85,7 @@ from max_deeplab.inference.slot_maps import (
     static_slot_maps,
     upsample_logits,
 )
+from max_deeplab.model.outputs import CLASS_LOGITS, MASK_LOGITS, check_outputs
 from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 from max_deeplab.xla_compilation import in_xla_compilation
 
@@ -134,9 +135,9 @@ def postprocess(
     """Panoptic, semantic and instance maps from the model's output dict (paper §3.1).
 
     Args:
-      outputs: the model's output dict (docs/design.md §3); uses ``mask_logits [B, h, w,
-        N]`` (stride 4, not upsampled) and ``class_logits [B, N, C+1]`` (last index = void
-        ∅).
+      outputs: the model's output dict (`max_deeplab.model.outputs`); uses
+        ``mask_logits [B, h, w, N]`` (stride 4, not upsampled) and ``class_logits
+        [B, N, C+1]`` (last index = void ∅).
       is_thing: [C] bools, True for thing classes (contiguous class order).
       image_size: (H, W) to upsample the mask logits to (bilinear, ``resize_method``);
         None keeps the logits' resolution.
@@ -185,8 +186,9 @@ def postprocess(
         ``segment_scores`` float32 [B, N]: p̂_i(ĉ_i) for kept slots, 0 for discarded ones.
         ``segment_classes`` int32 [B, N]: ĉ_i + label_offset per slot.
     """
-    mask_logits = tf.convert_to_tensor(outputs["mask_logits"])
-    class_logits = tf.convert_to_tensor(outputs["class_logits"])
+    check_outputs(outputs, (MASK_LOGITS, CLASS_LOGITS), "postprocess")
+    mask_logits = tf.convert_to_tensor(outputs[MASK_LOGITS])
+    class_logits = tf.convert_to_tensor(outputs[CLASS_LOGITS])
     # A tensor is accepted too (e.g. when `tf.function` turned a bound array into an input).
     is_thing = tf.cast(tf.convert_to_tensor(is_thing), tf.bool)
     _validate(mask_logits, class_logits, is_thing, label_divisor, label_offset, void_label,
@@ -320,17 +322,10 @@ def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.T
 def _validate(mask_logits: tf.Tensor, class_logits: tf.Tensor, is_thing: tf.Tensor,
               label_divisor: int, label_offset: int, void_label: int,
               class_threshold: float, pixel_threshold: float) -> None:
-    if mask_logits.shape.rank != 4:
-        raise ValueError(f"postprocess: outputs['mask_logits'] must be [B, h, w, N], got "
-                         f"shape {mask_logits.shape}")
-    if class_logits.shape.rank != 3:
-        raise ValueError(f"postprocess: outputs['class_logits'] must be [B, N, C+1], got "
-                         f"shape {class_logits.shape}")
-    n, n2, c1 = mask_logits.shape[-1], class_logits.shape[1], class_logits.shape[-1]
-    if n is None or c1 is None:
+    """The settings, and what the output contract (`check_outputs`) leaves open."""
+    n, c1 = mask_logits.shape[-1], class_logits.shape[-1]
+    if c1 is None:
         raise ValueError("postprocess: the slot count N and class count C+1 must be static")
-    if n2 is not None and n2 != n:
-        raise ValueError(f"postprocess: mask_logits has N={n} slots but class_logits has {n2}")
     if is_thing.shape.as_list() != [c1 - 1]:
         raise ValueError(f"postprocess: is_thing must have one entry per non-void class "
                          f"(C={c1 - 1}), got shape {is_thing.shape}")

@@ -208,6 +208,12 @@ class AxialAttention(tfk.layers.Layer):
             self._value_rpe = RelativePositionalEncoding(
                 value_per_head, "value_rpe", initialization_std_for_value_rpe)
 
+    @property
+    def linear_kernels(self) -> list[tf.Variable]:
+        """The kernel of the query/key/value projection (a 1x1 convolution's, as weight decay
+        sees it: `max_deeplab.model.partition.kernel_variables`)."""
+        return [self.qkv_kernel]
+
     def build(self, input_shape):
         channels = int(input_shape[-1])
         self.qkv_kernel = self.add_weight(

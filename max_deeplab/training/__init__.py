@@ -10,8 +10,6 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "BACKBONE_VARIABLE_REGEX": "max_deeplab.training.optimizers",
-    "KERNEL_VARIABLE_REGEX": "max_deeplab.training.optimizers",
     "Lookahead": "max_deeplab.training.optimizers",
     "RAdam": "max_deeplab.training.optimizers",
     "build_optimizer": "max_deeplab.training.optimizers",

@@ -176,7 +176,7 @@ def _images_fit_model(dataset_fn: Callable, model: tfk.Model, split: str) -> Cal
 def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
                    model_fn: Callable[[], tfk.Model],
                    loss_fn: Callable,
-                   optimizer_fn: Callable[[int], tfk.optimizers.Optimizer],
+                   optimizer_fn: Callable[[int, tfk.Model], tfk.optimizers.Optimizer],
                    train_dataset_fn: Callable | None = None,
                    eval_dataset_fn: Callable | None = None,
                    is_thing: list[bool] | None = None,
@@ -191,7 +191,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
 
     `train_dataset_fn(input_context, global_batch_size)` / `eval_dataset_fn(...)` return a
     `tf.data.Dataset` of per-replica batches; `loss_fn(outputs, targets, global_batch_size=)`
-    is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced).
+    is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced);
+    `optimizer_fn(total_steps, model)` the optimiser (`build_optimizer`), made after the
+    model under the strategy's scope.
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -216,7 +218,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             tfk.utils.set_random_seed(int(opts["seed"]))
         with strategy.scope():
             model = model_fn()
-            optimizer = optimizer_fn(total_steps)
+            optimizer = optimizer_fn(total_steps, model)
             global_step = orbit.utils.create_global_step()
             checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                              global_step=global_step)
