@@ -119,7 +119,8 @@ def main() -> int:
                  "with `bash scripts/ensure_reference_venv.sh`, or "
                  "pass --reference_python")
 
-    from max_deeplab.evaluation.random_cases import default_categories, random_pair_set
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from random_pq_cases import default_categories, random_pair_set
 
     # Byte-compile the package first, as `pip install` does for an installed package (the
     # reference's panopticapi has its .pyc files): with PYTHONDONTWRITEBYTECODE set, an
@@ -161,7 +162,7 @@ def main() -> int:
             ref = json.load(f)
         worst = _compare(ours, ref)
 
-    from max_deeplab.evaluation.panoptic_png import fast_path_available
+    from max_deeplab.evaluation.png_overlap import fast_path_available
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("ours: " + ("C extension path (libdeflate + C row loop)" if fast_path_available() else

@@ -4,7 +4,6 @@ that every module with a configurable is here)."""
 # ruff: noqa: F401
 import max_deeplab.data.imagenet
 import max_deeplab.data.pipeline
-import max_deeplab.evaluation.tf_panoptic_quality
 import max_deeplab.inference.postprocess
 import max_deeplab.layers.axial_attention
 import max_deeplab.layers.block_group

@@ -23,18 +23,18 @@ from coco_samples import (
     segment_id_map,
 )
 from PIL import Image
+from random_pq_cases import (
+    Segments,
+    random_prediction,
+    segments_to_coco,
+    write_png_ids,
+)
 from reference_evaluator import reference_pq
 from test_pq_files import assert_same
 
 from max_deeplab.cli import pq as pq_cli
 from max_deeplab.data import IGNORE_PANOPTIC, decode_example, load_metadata
 from max_deeplab.data.converter import convert
-from max_deeplab.evaluation.random_cases import (
-    Segments,
-    random_prediction,
-    segments_to_coco,
-    write_png_ids,
-)
 
 SIZES = {142238: (427, 640), 439180: (360, 640)}  # image_id -> (H, W)
 
