@@ -1,4 +1,4 @@
-"""Post-processing time per image at 641x641 (DESIGN.md §8), in matmul units.
+"""Post-processing time per image at 641x641 (docs/design.md §8), in matmul units.
 
 Random MaX-DeepLab-S-shaped outputs (N = 128 slots, C = 133 classes, stride-4 logits
 161x161 upsampled to 641x641) go through `max_deeplab.inference.postprocess` under

@@ -8,7 +8,7 @@ line, each as a fresh Python process:
 - reference: panopticapi `pq_compute` (panopticapi-lite), run via `python -c` in its own
   environment, `.venv-reference` (it pins numpy<2; `bash scripts/ensure_reference_venv.sh`
   makes it, scripts/test.sh too), once as installed (one worker per core) and once forced
-  onto one core, the DESIGN.md §8 anchor (8.9 s measured on one core for this workload).
+  onto one core, the docs/design.md §8 anchor (8.9 s measured on one core for this workload).
 
 The commands run in rounds (each round: ours with all workers, ours with one, the reference
 with all cores, the reference on one core), so that every ratio compares runs made within
@@ -184,7 +184,7 @@ def main() -> int:
     per_round = ", ".join(f"{r:.1f}" for r in speed_up)
     print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
           f"{statistics.median(speed_up):5.1f}x (rounds: {per_round}; goal >= 10x; "
-          "DESIGN.md anchor: reference 8.9 s on one core)")
+          "docs/design.md §8 anchor: reference 8.9 s on one core)")
     steal_line = describe(steal)
     if steal_line:
         print(steal_line)

@@ -1,5 +1,5 @@
 """The panoptic label contract: how a label map encodes class and instance, and how a COCO
-panoptic PNG encodes a segment (docs/design.md §8). Every module that writes or reads panoptic
+panoptic PNG encodes a segment (docs/design.md §9). Every module that writes or reads panoptic
 labels takes its constants and conversions from here.
 
 Label maps are ``panoptic = label * label_divisor + instance``: instance 1, 2, ... for

@@ -1,6 +1,6 @@
-"""SavedModel export (DESIGN.md §6): self-contained, any image size, signatures, metadata.
+"""SavedModel export (docs/design.md §6): self-contained, any image size, signatures, metadata.
 
-The default tests use a small tf_keras stand-in returning the DESIGN §3 output dict (fast);
+The default tests use a small tf_keras stand-in returning the docs/design.md §3 output dict (fast);
 the slow test exports the real `configs/tiny.gin` model through the `export` CLI.
 """
 

@@ -1,4 +1,4 @@
-"""`max-deeplab export` (DESIGN.md §6): inputs are checked before the model is built, and a
+"""`max-deeplab export` (docs/design.md §6): inputs are checked before the model is built, and a
 `train` run directory supplies its own model config and data-set metadata.
 
 Also: a category without `isthing` is an error wherever categories are read (`convert`'s

@@ -1,5 +1,5 @@
 """Two local worker processes train in lock-step under MultiWorkerMirroredStrategy
-(DESIGN.md §7: "tested ... with 2 local worker processes").
+(docs/design.md §7: "tested ... with 2 local worker processes").
 
 Each worker runs the project's trainer (`run_experiment`, or the whole `max-deeplab train
 --strategy multi_worker`) on its own shard of the data, with the cluster given by TF_CONFIG

@@ -210,7 +210,7 @@ def test_contiguous_label_encoding_with_void_minus_one():
 
 
 def test_area_limits_scale_with_input_area():
-    # DESIGN.md §5: 4096 / 256 at 1025² are exactly the reference's 1600 / 100 at 641².
+    # docs/design.md §5: 4096 / 256 at 1025² are exactly the reference's 1600 / 100 at 641².
     assert scaled_area_limit(4096, (641, 641), 1025) == 1600
     assert scaled_area_limit(256, (641, 641), 1025) == 100
     assert scaled_area_limit(4096, (1025, 1025), 1025) == 4096
@@ -282,7 +282,7 @@ def _np_upsample_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndar
 
 def _np_postprocess(mask_logits, class_logits, is_thing, size, paper, thing_limit,
                     stuff_limit, class_thr=0.7, pixel_thr=0.4, divisor=256):
-    """Slow per-pixel implementation of DESIGN.md §5 + the reference's void rules."""
+    """Slow per-pixel implementation of docs/design.md §5 + the reference's void rules."""
     logits = _np_upsample_align_corners(mask_logits.astype(np.float64), *size)
     z = np.exp(class_logits - class_logits.max(-1, keepdims=True))
     probs = (z / z.sum(-1, keepdims=True))[:, :-1]

@@ -1,4 +1,4 @@
-"""`max-deeplab predict` (DESIGN.md §6): overlays + COCO panoptic results accepted by the
+"""`max-deeplab predict` (docs/design.md §6): overlays + COCO panoptic results accepted by the
 reference evaluator (panopticapi, run in its own environment), unreadable images skipped."""
 
 from __future__ import annotations

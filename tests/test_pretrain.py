@@ -399,7 +399,7 @@ def test_backbone_keys_of_l_shaped_model():
 
 @pytest.mark.slow
 def test_pretraining_step_compiles_with_xla(tmp_path):
-    """TPU readiness (DESIGN.md §7): the whole train step as one XLA program on CPU."""
+    """TPU readiness (docs/design.md §7): the whole train step as one XLA program on CPU."""
     from max_deeplab.training.pretrain import run_pretraining
 
     parse_config(["tiny.gin"], [])

@@ -1,4 +1,4 @@
-"""Import of the reference implementation's (deeplab2) checkpoints (issue 8, DESIGN.md §3).
+"""Import of the reference implementation's (deeplab2) checkpoints (issue 8, docs/design.md §3).
 
 * The tiny random-weight deeplab2 checkpoint (`reference/deeplab2/tiny`) imported into our
   `reference_tiny.gin` model reproduces deeplab2's own outputs on its image (io.npz) to 1e-3

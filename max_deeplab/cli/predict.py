@@ -1,4 +1,4 @@
-"""max-deeplab predict: run an exported SavedModel on images (DESIGN.md §6).
+"""max-deeplab predict: run an exported SavedModel on images (docs/design.md §6).
 
     max-deeplab predict --saved_model DIR --images GLOB --output_dir DIR [--images_json F]
 

@@ -137,7 +137,7 @@ def flip_left_right(image: tf.Tensor, panoptic: tf.Tensor, flip: tf.Tensor
 def panoptic_to_targets(panoptic: tf.Tensor, k_max: int, is_thing: Sequence[bool] | tf.Tensor,
                         label_divisor: int, image_id: tf.Tensor | None = None
                         ) -> dict[str, tf.Tensor]:
-    """The per-image targets of DESIGN.md §4 from a panoptic label map [H, W].
+    """The per-image targets of docs/design.md §4 from a panoptic label map [H, W].
 
     Segments are the distinct non-negative panoptic values, ordered by decreasing area (ties
     by value). With more than `k_max` segments the largest `k_max` are kept and a warning
@@ -263,7 +263,7 @@ def build_dataset(file_pattern: str,
                   repeat: bool | None = None,
                   tfds_data_dir: str | None = None,
                   seed: int | None = None) -> tf.data.Dataset:
-    """Batches of the DESIGN.md §4 targets from TFRecord shards of `max-deeplab convert`.
+    """Batches of the docs/design.md §4 targets from TFRecord shards of `max-deeplab convert`.
 
     Args:
       file_pattern: shard glob(s), comma-separated; or ``tfds:<name>:<split>`` (e.g.
@@ -274,7 +274,7 @@ def build_dataset(file_pattern: str,
       crop_size: model input (H, W); 641 x 641 for MaX-DeepLab-S (paper §4).
       min_scale, max_scale: random scale range on top of the fit-to-crop resize; the paper
         inherits Axial-DeepLab's COCO recipe, whose range is [0.5, 1.5].
-      k_max: segments per image kept (DESIGN.md §4); must cover the data set's largest count.
+      k_max: segments per image kept (docs/design.md §4); must cover the data set's largest count.
       input_context: from `strategy.distribute_datasets_from_function`; shards the files (or
         the records, when there are fewer files than input pipelines) per input pipeline.
       metadata: data-set metadata; default `load_metadata(file_pattern)`.

@@ -1,4 +1,4 @@
-"""`tf.train.Example` encoding of converted images and `decode_example` (DESIGN.md §6).
+"""`tf.train.Example` encoding of converted images and `decode_example` (docs/design.md §6).
 
 The schema is documented in `max_deeplab.data.schema`.
 """

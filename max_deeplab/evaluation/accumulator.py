@@ -1,6 +1,6 @@
 """Streaming panoptic quality over panoptic label maps, for evaluation during training.
 
-Label maps follow DESIGN.md §5 / `max_deeplab.inference.postprocess`:
+Label maps follow docs/design.md §5 / `max_deeplab.inference.postprocess`:
 ``panoptic = label * label_divisor + instance``. A pixel is void when ``panoptic < 0`` or its
 label equals ``ignore_label``. Segments are read the way `PanopticQualityV2` (model garden)
 reads them, so both evaluators agree:

@@ -241,7 +241,7 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
 
     Args:
       model: a built keras model mapping float images [B, H, W, 3] in [0, 255] to the
-        DESIGN.md §3 output dict (`max_deeplab.model.build_model()`).
+        docs/design.md §3 output dict (`max_deeplab.model.build_model()`).
       export_dir: output directory, new or empty; a local path or a file-system URL
         (gs://...). The SavedModel is written to a temporary directory first and renamed
         (copied, for a URL), so a failed export leaves no partial SavedModel.

@@ -27,7 +27,7 @@ def paper_codes(mask_logits: tf.Tensor, kept: tf.Tensor, slot_conf: tf.Tensor,
     if image_size is not None:
         mask_logits = upsample_logits(mask_logits, image_size, resize_method)
     num_slots = int(mask_logits.shape[-1])
-    # Eq. 3 over all N: argmax_i p̂_i(ĉ_i)·m̂_i = argmax_i (log p̂_i(ĉ_i) + logit_i).
+    # Eq. 4 over all N: argmax_i p̂_i(ĉ_i)·m̂_i = argmax_i (log p̂_i(ĉ_i) + logit_i).
     scored = mask_logits + tf.math.log(tf.maximum(slot_conf, 1e-30))[:, None, None, :]
     chosen = tf.argmax(scored, axis=-1, output_type=tf.int32)
     dominant = tf.argmax(mask_logits, axis=-1, output_type=tf.int32)

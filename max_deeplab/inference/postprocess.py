@@ -2,7 +2,7 @@
 
 The model predicts N (mask, class) pairs: class probabilities p̂_i over C + 1 classes (the
 last, ∅, is void) and masks m̂_i,hw = softmax over the N slots of the mask logits. Two
-argmaxes turn them into a non-overlapping panoptic map (Eqs. 2-3), filtered by the
+argmaxes turn them into a non-overlapping panoptic map (Eqs. 3-4), filtered by the
 confidences of §4 ("masks with class confidence below 0.7 [set] to void", "pixels with
 mask-ID confidence below 0.4 [filtered]"). Two rules are implemented (``rule``):
 
@@ -12,7 +12,7 @@ checkpoints' PQ was measured with):
    is *kept* iff its class confidence p̂_i(ĉ_i) ≥ ``class_threshold`` (0.7 itself is kept).
    Other slots are discarded before the pixel argmax.
 2. ẑ_hw = argmax over the *kept* slots of p̂_i(ĉ_i)·m̂_i,hw (``weight_masks_by_class_confidence
-   =True``, the paper's Eq. 3 weighting), or of m̂_i,hw alone (False, as deeplab2). As m̂ =
+   =True``, the paper's Eq. 4 weighting), or of m̂_i,hw alone (False, as deeplab2). As m̂ =
    softmax_N(mask logits), the argmax is taken on logit + log p̂ directly.
 3. The pixel's mask-ID confidence is the softmax over the *kept* slots of the mask logits,
    read at ẑ (not m̂, whose softmax runs over all N). The pixel is kept iff that confidence
@@ -33,8 +33,9 @@ slots predicting that stuff class (instance id 0).
 
 Label encoding (same as deeplab2's COCO label space, used by its released checkpoints):
 the semantic label of contiguous class channel k is ``k + label_offset`` (default 1), label
-0 is void, and ``panoptic = label * label_divisor + instance``. On deeplab2's tiny reference
-(`reference/deeplab2/tiny/io.npz`) transformer class channel k (0..132, channel 133 = void)
+0 is void, and ``panoptic = label * label_divisor + instance`` (the prediction encoding of
+`max_deeplab.panoptic_labels`). On deeplab2's tiny reference fixture (`tiny/io.npz`, see
+tests/test_reference_import.py) transformer class channel k (0..132, channel 133 = void)
 appears as ``semantic_pred == k + 1``: deeplab2's COCO thing ids are 1..80 and its stuff
 ids 81..133 with 0 = ignore, so its thing+stuff id list is exactly ``k + 1``.
 
@@ -98,7 +99,7 @@ def scaled_area_limit(limit: float, image_size: Sequence[int],
                       reference_size: int | None) -> int:
     """Area limit (pixels) at ``image_size`` for a limit defined at ``reference_size``².
 
-    DESIGN.md §5: the limits 4096 (stuff) / 256 (thing) are meant for 1025x1025 inputs and
+    docs/design.md §5: the limits 4096 (stuff) / 256 (thing) are meant for 1025x1025 inputs and
     scale with the input area, measured as (H − 1)(W − 1) — MaX-DeepLab inputs are
     stride·k + 1 pixels, so this is the area in output-stride cells — which gives exactly
     the reference's 1600 / 100 at 641 (4096·640²/1024²); the pixel count H·W would give

@@ -9,7 +9,7 @@ axial attention is a height pass followed by a width pass.
 Each similarity term and each retrieved term is batch-normalised separately before they are
 summed, as in the reference implementation (weight shapes match its checkpoints).
 
-Speed (DESIGN.md §8): the relative terms are never computed from a gathered [L, L, d] table.
+Speed (docs/design.md §8): the relative terms are never computed from a gathered [L, L, d] table.
 q_o·r_{p-o} for all queries o and all 2L-1 offsets is one [L, d] x [d, 2L-1] matmul whose
 [L, 2L-1] result is "skewed" (a slice and two reshapes) into [L, L] — the relative-attention
 skew of Transformer-XL / Music Transformer; the key term is the same with the roles of query

@@ -43,7 +43,7 @@ _TARGET_KEYS = ("segment_ids", "segment_classes", "segment_valid", "segment_is_t
 class MaXDeepLabLoss:
     """MaX-DeepLab loss: PQ-style loss plus the three auxiliary losses (paper §3.2, §4).
 
-    Call with the model outputs and the DESIGN.md §4 targets; returns a dict of scalar
+    Call with the model outputs and the docs/design.md §4 targets; returns a dict of scalar
     float32 losses, each already multiplied by its weight: ``pq`` (= ``pq_positive`` +
     ``pq_negative``), ``instance_discrimination``, ``mask_id``, ``semantic``, and ``total``
     (their sum). A term switched off is reported as 0 and not computed.

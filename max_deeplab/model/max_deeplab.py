@@ -1,7 +1,7 @@
 """The MaX-DeepLab model: encoder + mask transformer output heads (paper §3.1, §3.3).
 
 Outputs: the dict of `max_deeplab.model.outputs` (stride-4 maps are not upsampled):
-`mask_logits` = BN(f · g), whose softmax over the N slots gives the masks m̂ (Eq. 9),
+`mask_logits` = BN(f · g), whose softmax over the N slots gives the masks m̂ (Eq. 15),
 `class_logits` (last class void ∅), `pixel_feature` g (L2-normalised), `semantic_logits`.
 
 Mixed precision (tf_keras' mixed_bfloat16 policy, `max-deeplab train --mixed_precision
@@ -54,7 +54,7 @@ class MaXDeepLab(tfk.Model):
       pixel_head_channels / semantic_head_channels: widths of the 5x5 head convs.
       void_prior_prob: initial void probability of every slot (a constant logit offset,
         as in the reference implementation): 0.9.
-      use_semantic_head: build the auxiliary semantic head (training-only, Eq. §3.4).
+      use_semantic_head: build the auxiliary semantic head (training-only, §3.4).
       encoder: the encoder (gin-configured `MaXDeepLabEncoder` by default).
     """
 
@@ -146,7 +146,7 @@ class MaXDeepLab(tfk.Model):
             outputs[SEMANTIC_LOGITS] = tf.cast(
                 self.semantic_head(semantic_feature, training=training), tf.float32)
 
-        # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 9).
+        # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 15).
         pixel_feature = self.pixel_space_head(endpoints["feature_panoptic"], training=training)
         pixel_feature = self.pixel_space_feature_batch_norm(pixel_feature, training=training)
         pixel_feature = tf.math.l2_normalize(tf.cast(pixel_feature, tf.float32), axis=-1)

@@ -1,4 +1,4 @@
-"""What each variable of the network is (docs/design.md §8), as the model's own structure says
+"""What each variable of the network is (docs/design.md §3), as the model's own structure says
 it — not its name: which part of the network it belongs to, and whether it is the kernel of
 a linear map.
 

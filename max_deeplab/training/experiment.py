@@ -1,4 +1,5 @@
-"""Runs a MaX-DeepLab experiment: strategy, checkpoints, orbit Controller, modes (DESIGN.md §7).
+"""Runs a MaX-DeepLab experiment: strategy, checkpoints, orbit Controller, modes
+(docs/design.md §7).
 
 Modes: `train`, `eval` (the latest checkpoint once), `train_and_eval` (evaluation every
 `eval_interval` steps and at the end), `continuous_eval` (every new checkpoint in the model
@@ -396,7 +397,7 @@ class _NonChiefCheckpointManager(_RunCheckpointManager):
 
 
 def _write_metrics(model_dir: str, step: int, result: dict) -> None:
-    """`DIR/eval/metrics.json`: the PQ result (DESIGN.md §6 `evaluate`) with its step."""
+    """`DIR/eval/metrics.json`: the PQ result (docs/design.md §6 `evaluate`) with its step."""
     write_json_atomic(os.path.join(model_dir, "eval", "metrics.json"), {**result, "step": step},
                       indent=1, default=float)
 

@@ -1,4 +1,4 @@
-"""RAdam and Lookahead, the optimiser of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+"""RAdam and Lookahead, the optimiser of MaX-DeepLab (paper §4 "Training", docs/design.md §7).
 
 The paper trains with "RAdam + Lookahead", a poly learning rate with linear warmup, a
 backbone learning-rate multiplier of 0.1 and a weight decay of 1e-4. Neither optimiser exists

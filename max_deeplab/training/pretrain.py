@@ -1,4 +1,4 @@
-"""ImageNet pretraining of the MaX-DeepLab backbone (paper appendix A.6, DESIGN.md §7).
+"""ImageNet pretraining of the MaX-DeepLab backbone (paper appendix A.6, docs/design.md §7).
 
 "The pretraining model uses only P2P attention (a convolutional residual block or an
 axial-attention block), without the other three types of attention, the feed-forward

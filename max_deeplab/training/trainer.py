@@ -1,4 +1,4 @@
-"""orbit trainer and evaluator of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+"""orbit trainer and evaluator of MaX-DeepLab (paper §4 "Training", docs/design.md §7).
 
 One code path for every `tf.distribute` strategy: the per-replica step runs under
 `strategy.run`; the loss (`MaXDeepLabLoss(..., global_batch_size=...)`) already divides each
@@ -82,12 +82,12 @@ class Trainer(orbit.StandardTrainer):
 
     Args:
       strategy: the distribution strategy every object below was created under.
-      model: maps `image [B, H, W, 3]` float 0..255 to the output dict (DESIGN.md §3).
+      model: maps `image [B, H, W, 3]` float 0..255 to the output dict (docs/design.md §3).
       loss_fn: `loss_fn(outputs, targets, global_batch_size=...)` -> dict of scalar losses
         including `total` (`MaXDeepLabLoss`).
       optimizer: a tf_keras optimizer (`build_optimizer()`); built here on the model's
         trainable variables so that checkpoints can restore its slots before step 1.
-      train_dataset: a `tf.distribute.DistributedDataset` of DESIGN.md §4 batches.
+      train_dataset: a `tf.distribute.DistributedDataset` of docs/design.md §4 batches.
       global_step: int64 variable, incremented once per step.
       global_batch_size: the batch size summed over replicas.
       total_steps: the run's last step (for the ETA in progress lines).
