@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="MaX-DeepLab: end-to-end panoptic segmentation with mask transformers (TF2)",
     # The gin configs stay at the repo root (configs/, what users and the docs name) and are
-    # installed as max_deeplab/configs, where max_deeplab.cli.gin_flags looks first.
+    # installed as max_deeplab/configs, where max_deeplab.gin_config looks first.
     packages=[*find_packages(include=["max_deeplab", "max_deeplab.*"]), "max_deeplab.configs"],
     package_dir={"max_deeplab.configs": "configs"},
     package_data={"max_deeplab.configs": ["*.gin", "**/*.gin"]},

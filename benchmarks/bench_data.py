@@ -51,12 +51,12 @@ def bench_train_step(crop: int, batch: int, steps: int) -> float | None:
     import tensorflow as tf
 
     try:
-        from max_deeplab.cli.gin_flags import parse_gin_flags
+        from max_deeplab.gin_config import parse_config
         from max_deeplab.model import build_model
     except ImportError as e:
         print(f"model train step: unavailable ({e}); no comparison")
         return None
-    parse_gin_flags(["max_deeplab_s_coco_641.gin"], [f"build_model.input_size = ({crop}, {crop})"])
+    parse_config(["max_deeplab_s_coco_641.gin"], [f"build_model.input_size = ({crop}, {crop})"])
     model = build_model()
     images = tf.random.uniform([batch, crop, crop, 3], 0, 255)
 

@@ -1,7 +1,7 @@
 """Forward-pass latency of MaX-DeepLab-S at 641x641, batch 1, on this CPU.
 
 Prints the latency with plain `tf.function` and with `jit_compile=True` (XLA), in seconds and
-in units of one 4096^3 fp32 matmul measured in the same run (DESIGN.md §8: the reference
+in units of one 4096^3 fp32 matmul measured in the same run (docs/design.md §8: the reference
 implementation takes 7.5 units with tf.function, 5.6 with XLA; target <= 4.5), and the
 achieved FLOP/s against that matmul's FLOP/s (the machine's practical peak).
 
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tensorflow as tf  # noqa: E402
 from machine_units import matmul_unit, median_seconds  # noqa: E402
 
-from max_deeplab.cli.gin_flags import parse_gin_flags  # noqa: E402
+from max_deeplab.gin_config import parse_config  # noqa: E402
 from max_deeplab.model import build_model  # noqa: E402
 from max_deeplab.model.summary import model_flops  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     unit_s, peak = matmul_unit()
     print(f"unit: 4096^3 fp32 matmul = {unit_s:.3f} s ({peak / 1e9:.0f} GFLOP/s)")
-    parse_gin_flags([args.config], [f"build_model.input_size = ({args.size}, {args.size})"])
+    parse_config([args.config], [f"build_model.input_size = ({args.size}, {args.size})"])
     model = build_model()
     flops, semantic_flops = model_flops(model, (args.size, args.size))
     # Inference runs without the training-only semantic branch.
@@ -60,7 +60,7 @@ def main() -> None:
     for label, first, seconds in rows:
         print(f"{label:<20} {first:>12.2f} {seconds:>10.3f} {seconds / unit_s:>7.2f} "
               f"{flops / seconds / 1e9:>8.1f} {flops / seconds / peak:>8.1%}")
-    print("reference implementation (DESIGN.md §8): 7.5 units (tf.function), 5.6 (XLA); "
+    print("reference implementation (docs/design.md §8): 7.5 units (tf.function), 5.6 (XLA); "
           "target <= 4.5 units")
 
 

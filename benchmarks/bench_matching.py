@@ -1,11 +1,11 @@
-"""Benchmark: batched Hungarian matching backends (paper §3.2, DESIGN.md §4 and §8).
+"""Benchmark: batched Hungarian matching backends (paper §3.2, docs/design.md §4 and §8).
 
 Compares, in one run on the same random cost matrices (B=8, C=128, R in {20, 64, 128}):
   * our pure-TF backend compiled with XLA (float64 internally, and the float32 TPU path),
   * our scipy backend (`tf.numpy_function` over `linear_sum_assignment`) in a `tf.function`,
   * the model garden's DETR matcher (XLA), square-only, so R rows are padded to C with zeros.
 Times are medians over several calls after a warm-up (compilation) call. Each backend's
-total cost is checked against scipy's optimum. Goal (DESIGN.md §8): tf ≥ 10× faster than
+total cost is checked against scipy's optimum. Goal (docs/design.md §8): tf ≥ 10× faster than
 DETR at R=128 and ≥ 3× at R=20 and 64.
 
 Run: .venv/bin/python benchmarks/bench_matching.py [--repeats N]

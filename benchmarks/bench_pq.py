@@ -8,7 +8,7 @@ line, each as a fresh Python process:
 - reference: panopticapi `pq_compute` (panopticapi-lite), run via `python -c` in its own
   environment, `.venv-reference` (it pins numpy<2; `bash scripts/ensure_reference_venv.sh`
   makes it, scripts/test.sh too), once as installed (one worker per core) and once forced
-  onto one core, the DESIGN.md §8 anchor (8.9 s measured on one core for this workload).
+  onto one core, the docs/design.md §8 anchor (8.9 s measured on one core for this workload).
 
 The commands run in rounds (each round: ours with all workers, ours with one, the reference
 with all cores, the reference on one core), so that every ratio compares runs made within
@@ -119,7 +119,8 @@ def main() -> int:
                  "with `bash scripts/ensure_reference_venv.sh`, or "
                  "pass --reference_python")
 
-    from max_deeplab.evaluation.random_cases import default_categories, random_pair_set
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from random_pq_cases import default_categories, random_pair_set
 
     # Byte-compile the package first, as `pip install` does for an installed package (the
     # reference's panopticapi has its .pyc files): with PYTHONDONTWRITEBYTECODE set, an
@@ -161,7 +162,7 @@ def main() -> int:
             ref = json.load(f)
         worst = _compare(ours, ref)
 
-    from max_deeplab.evaluation.panoptic_png import fast_path_available
+    from max_deeplab.evaluation.png_overlap import fast_path_available
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("ours: " + ("C extension path (libdeflate + C row loop)" if fast_path_available() else
@@ -183,7 +184,7 @@ def main() -> int:
     per_round = ", ".join(f"{r:.1f}" for r in speed_up)
     print(f"wall speed-up, ours ({cores} workers) vs {base_name}: "
           f"{statistics.median(speed_up):5.1f}x (rounds: {per_round}; goal >= 10x; "
-          "DESIGN.md anchor: reference 8.9 s on one core)")
+          "docs/design.md §8 anchor: reference 8.9 s on one core)")
     steal_line = describe(steal)
     if steal_line:
         print(steal_line)

@@ -4,7 +4,7 @@ One full step (forward, Hungarian matching, all losses, gradients, RAdam + Looka
 at batch 1 on a small crop, with `tf.function`, timed in RAdam's adaptive (steady-state)
 phase. Each config runs in its own process so its peak resident memory (ru_maxrss) is its
 own. Times are also given in units of a 4096^3 fp32 matmul measured in the same run
-(DESIGN.md §8: the reference implementation's MaX-S step at 321², batch 1, is 4.7 units and
+(docs/design.md §8: the reference implementation's MaX-S step at 321², batch 1, is 4.7 units and
 2.0 GB peak RSS; target <= 3.7 units, <= 1.6 GB).
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--crop 321] [--steps 5]
@@ -23,18 +23,18 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 import tensorflow as tf
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
 config, crop, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-parse_gin_flags([config], [f"build_model.input_size = ({crop}, {crop})"])
+parse_config([config], [f"build_model.input_size = ({crop}, {crop})"])
 model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots
 loss_fn = MaXDeepLabLoss(matching_backend="scipy")
-optimizer = build_optimizer(total_steps=100000)  # > the default 5000 warmup steps
+optimizer = build_optimizer(total_steps=100000, model=model)  # > the default 5000 warmups
 rng = np.random.default_rng(0)
 k = min(8, slots)
 segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
@@ -105,7 +105,7 @@ def main() -> None:
         print(f"{config:<30} {args.crop:>5} {result['first']:>8.1f} {result['step']:>8.2f} "
               f"{result['unit']:>7.3f} {result['step'] / result['unit']:>6.2f} "
               f"{result['peak_gb']:>8.2f}")
-    print("reference implementation, MaX-S at 321², batch 1 (DESIGN.md §8): 4.7 units, "
+    print("reference implementation, MaX-S at 321², batch 1 (docs/design.md §8): 4.7 units, "
           "2.0 GB; target <= 3.7 units, <= 1.6 GB")
 
 

@@ -1,6 +1,6 @@
 """The benchmark time unit: one 4096x4096 float32 matmul timed in the same process.
 
-DESIGN.md §8 states performance targets in these units (0.67 s, ~205 GFLOP/s on the
+docs/design.md §8 states performance targets in these units (0.67 s, ~205 GFLOP/s on the
 reference machine) so that ratios stay comparable across machines.
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Imports every module that registers gin configurables, so any gin file or binding can
-name them regardless of which verb runs. Keep it to imports."""
+name them regardless of which verb runs. Keep it to imports (tests/test_configs.py checks
+that every module with a configurable is here)."""
 # ruff: noqa: F401
+import max_deeplab.data.imagenet
 import max_deeplab.data.pipeline
-import max_deeplab.evaluation.tf_panoptic_quality
 import max_deeplab.inference.postprocess
 import max_deeplab.layers.axial_attention
 import max_deeplab.layers.block_group
@@ -13,4 +14,6 @@ import max_deeplab.model.encoder
 import max_deeplab.model.heads
 import max_deeplab.model.max_deeplab
 import max_deeplab.training.experiment
+import max_deeplab.training.optimizers
 import max_deeplab.training.pretrain
+import max_deeplab.training.schedules

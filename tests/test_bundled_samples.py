@@ -1,4 +1,5 @@
-"""The bundled sample data set (data/samples/shapes, DESIGN.md §2) is a valid COCO panoptic set.
+"""The bundled sample data set (data/samples/shapes, docs/design.md §2) is a valid COCO
+panoptic set.
 
 It is what users look at first and what the data README points the tools at, so: every PNG
 segment is in its JSON and the reverse (the `pq` checks), and the set scores a perfect PQ

@@ -23,6 +23,7 @@ from max_deeplab.cli import pretrain as pretrain_cli
 from max_deeplab.cli import synthetic as synthetic_cli
 from max_deeplab.cli import train as train_cli
 from max_deeplab.data import synthetic as synthetic_lib
+from max_deeplab.training import run_directory, task
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,12 @@ def _flag_exit_code(main, argv: list[str]) -> int:
 
 
 def test_tiny_config_keeps_k_max_within_its_mask_slots():
-    from max_deeplab.cli.gin_flags import parse_gin_flags
     from max_deeplab.data.pipeline import build_dataset
+    from max_deeplab.gin_config import configured_value, parse_config
 
-    parse_gin_flags(["tiny.gin"], [])
-    assert train_cli.configured_value("build_dataset", build_dataset, "k_max") == 16
-    train_cli.check_segments_fit_mask_slots()  # no error
+    parse_config(["tiny.gin"], [])
+    assert configured_value("build_dataset", build_dataset, "k_max") == 16
+    run_directory.check_segments_fit_mask_slots()  # no error
 
 
 def test_k_max_above_mask_slots_is_reported_before_the_model_is_built(tmp_path, records,
@@ -103,7 +104,8 @@ def test_train_help_example_passes_every_check(tmp_path, records, monkeypatch, c
     argv = [arg.replace("d/train-*", records).replace("d/val-*", records)
             .replace("/tmp/run", str(tmp_path / "run")) for arg in argv]
     runs = []
-    monkeypatch.setattr(train_cli, "_run", lambda strategy, options: runs.append(options))
+    monkeypatch.setattr(task, "run_mode",
+                        lambda settings, options, print_fn=print: runs.append(options))
     assert train_cli.main(["max-deeplab train", *argv[2:]]) == 0, capsys.readouterr().err
     assert runs and runs[0]["total_steps"] == 200 and runs[0]["checkpoint_every"] == 50
 
@@ -170,25 +172,28 @@ def test_pretrain_rejects_bad_flag_values_at_once(flag, name, tmp_path):
 
 
 def test_pretrain_rejects_train_only_mode(tmp_path, capsys):
-    code = pretrain_cli.main(["max-deeplab pretrain", "--model_dir", str(tmp_path / "run"),
-                              "--mode", "continuous_eval"])
+    code = _flag_exit_code(pretrain_cli.main, ["max-deeplab pretrain", "--model_dir",
+                                               str(tmp_path / "run"), "--mode",
+                                               "continuous_eval"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "--mode must be one of train, eval, train_and_eval" in err
+    assert "--mode=continuous_eval" in err and "<train|eval|train_and_eval>" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_train_and_pretrain_flags_agree_whichever_is_defined_last(tmp_path, capsys):
-    """absl keeps the last definition of a shared flag name, so both verbs accept the same
-    values; each matches what its runner supports."""
-    from absl import flags
+def test_train_and_pretrain_each_take_their_own_flags(tmp_path, capsys):
+    """Each verb has its own flag table: the values each accepts are what its runner
+    supports, whichever verb was imported last, and one verb's flags are not another's."""
+    from max_deeplab.training import experiment, modes
 
-    from max_deeplab.training import experiment
-    from max_deeplab.training import pretrain as pretrain_lib
-
-    assert tuple(flags.FLAGS["mode"].parser.enum_values) == experiment.MODES
-    assert tuple(flags.FLAGS["strategy"].parser.enum_values) == experiment.STRATEGIES
-    assert pretrain_cli.PRETRAIN_MODES == pretrain_lib.MODES
+    assert tuple(train_cli.FLAGS["mode"].parser.enum_values) == experiment.MODES
+    assert tuple(train_cli.FLAGS["strategy"].parser.enum_values) == experiment.STRATEGIES
+    assert tuple(pretrain_cli.FLAGS["mode"].parser.enum_values) == modes.PRETRAIN_MODES
+    assert "num_gpus" in pretrain_cli.FLAGS and "num_gpus" not in train_cli.FLAGS
+    assert "train_data" in train_cli.FLAGS and "train_data" not in pretrain_cli.FLAGS
+    code = _flag_exit_code(pretrain_cli.main, ["max-deeplab pretrain", "--model_dir",
+                                               str(tmp_path / "run"), "--train_data", "x-*"])
+    assert code == 2 and "train_data" in capsys.readouterr().err
     # train's continuous_eval passes flag parsing (it then needs --eval_data).
     code = train_cli.main(["max-deeplab train", "--model_dir", str(tmp_path / "run"),
                            "--mode", "continuous_eval"])
@@ -416,19 +421,19 @@ def test_imported_checkpoint_directory_follows_the_umask(tmp_path, capsys):
 def test_start_up_checks_leave_gin_macros_to_the_build():
     """`%LR` / `%NC` resolve only when the optimiser / model is built: the early checks skip
     them instead of failing on the macro object (a TypeError / a false mismatch)."""
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
 
-    parse_gin_flags(["tiny.gin"], ["LR = 1e-3", "max_deeplab_optimizer.base_learning_rate = %LR",
+    parse_config(["tiny.gin"], ["LR = 1e-3", "max_deeplab_optimizer.base_learning_rate = %LR",
                                    "NC = 8", "MaXDeepLab.num_classes = %NC"])
     try:
-        train_cli.check_learning_rate_schedule(100)
-        train_cli.check_num_classes(8, "data")
-        train_cli.check_num_classes(5, "data")  # checked at build time instead
-        parse_gin_flags(["tiny.gin"], ["MaXDeepLab.num_classes = 8"])
+        run_directory.check_learning_rate_schedule(100)
+        run_directory.check_num_classes(8, "data")
+        run_directory.check_num_classes(5, "data")  # checked at build time instead
+        parse_config(["tiny.gin"], ["MaXDeepLab.num_classes = 8"])
         with pytest.raises(ValueError, match="has 5 classes but the model is configured"):
-            train_cli.check_num_classes(5, "data")
+            run_directory.check_num_classes(5, "data")
     finally:
-        parse_gin_flags(["tiny.gin"], [])
+        parse_config(["tiny.gin"], [])
 
 
 def test_start_up_checks_leave_tf_unconfigured():
@@ -437,12 +442,12 @@ def test_start_up_checks_leave_tf_unconfigured():
     and fails afterwards ("Collective ops must be configured at program startup"). Checked
     in a fresh process through a setting TF refuses to change once the context exists."""
     code = """
-from max_deeplab.cli import train
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.training import run_directory
+from max_deeplab.gin_config import parse_config
 import tensorflow as tf
-parse_gin_flags(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 10"])
-train.check_learning_rate_schedule(100)
-train.check_segments_fit_mask_slots()
+parse_config(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 10"])
+run_directory.check_learning_rate_schedule(100)
+run_directory.check_segments_fit_mask_slots()
 tf.config.threading.set_inter_op_parallelism_threads(1)  # RuntimeError once initialised
 print("unconfigured")
 """

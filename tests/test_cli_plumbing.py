@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from max_deeplab.__main__ import VERBS, main
-from max_deeplab.cli.gin_flags import CONFIGS_DIR, GinConfigError, parse_gin_flags
+from max_deeplab.gin_config import CONFIGS_DIR, GinConfigError, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,12 +143,12 @@ def test_resuming_from_a_broken_saved_config_names_it_and_leaves_the_run_alone(t
 ])
 def test_type_check_names_the_binding_and_the_expected_type(binding, expected):
     with pytest.raises(GinConfigError, match="gin binding") as e:
-        parse_gin_flags(["tiny.gin"], [binding])
+        parse_config(["tiny.gin"], [binding])
     assert expected in str(e.value)
 
 
 def test_type_check_accepts_what_the_annotations_allow():
-    parse_gin_flags(["tiny.gin"], [
+    parse_config(["tiny.gin"], [
         "experiment_options.mixed_precision = 'bfloat16'",  # quoted str
         "experiment_options.eval_interval = None",  # int | None
         "MaXDeepLabLoss.pq_alpha = 1",  # an int for a float
@@ -186,11 +186,13 @@ def test_wheel_carries_the_configs_and_finds_them_when_installed(tmp_path):
     check = textwrap.dedent("""
         import sys
         sys.path.insert(0, sys.argv[1])
-        from max_deeplab.cli import gin_flags
-        assert gin_flags.__file__.startswith(sys.argv[1]), gin_flags.__file__
-        print(gin_flags.CONFIGS_DIR)
-        print(gin_flags.resolve_gin_file("tiny.gin"))
-        gin_flags.parse_gin_flags(["ablations/no_p2m.gin"], [])  # `include`s baseline.gin
+        import max_deeplab.configs
+        from max_deeplab import gin_config
+        assert gin_config.__file__.startswith(sys.argv[1]), gin_config.__file__
+        assert max_deeplab.configs.__file__.startswith(sys.argv[1])
+        print(gin_config.CONFIGS_DIR)
+        print(gin_config.resolve_gin_file("tiny.gin"))
+        max_deeplab.configs.load("ablations/no_p2m.gin")  # `include`s baseline.gin
         print("parsed")
     """)
     proc = subprocess.run([sys.executable, "-c", check, str(site)], cwd=tmp_path,

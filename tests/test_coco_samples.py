@@ -23,18 +23,18 @@ from coco_samples import (
     segment_id_map,
 )
 from PIL import Image
+from random_pq_cases import (
+    Segments,
+    random_prediction,
+    segments_to_coco,
+    write_png_ids,
+)
 from reference_evaluator import reference_pq
 from test_pq_files import assert_same
 
 from max_deeplab.cli import pq as pq_cli
 from max_deeplab.data import IGNORE_PANOPTIC, decode_example, load_metadata
 from max_deeplab.data.converter import convert
-from max_deeplab.evaluation.random_cases import (
-    Segments,
-    random_prediction,
-    segments_to_coco,
-    write_png_ids,
-)
 
 SIZES = {142238: (427, 640), 439180: (360, 640)}  # image_id -> (H, W)
 
@@ -310,12 +310,12 @@ def test_max_deeplab_s_predicts_on_the_real_photos(tmp_path, capsys):
     stuff merging and resize back to 640x427 / 640x360 all run; the reference evaluator
     accepts the results."""
     from max_deeplab.cli import export as export_cli
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
     bindings = [f"max_deeplab.inference.postprocess.{name} = 0.0" for name in
                 ("class_threshold", "pixel_threshold", "thing_area_limit", "stuff_area_limit")]
-    parse_gin_flags(["max_deeplab_s_coco_641.gin"], bindings)
+    parse_config(["max_deeplab_s_coco_641.gin"], bindings)
     model = build_model()
     assert model.output_shape["class_logits"][1:] == (128, 134)
     tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt" / "ckpt"))

@@ -21,8 +21,8 @@ from max_deeplab.data import (
     decode_example,
     load_metadata,
 )
-from max_deeplab.data.coco_format import id_to_rgb, rgb_to_id
 from max_deeplab.data.synthetic import generate_image, write_dataset
+from max_deeplab.panoptic_labels import id_to_rgb, rgb_to_id
 
 HEIGHT, WIDTH = 48, 64
 

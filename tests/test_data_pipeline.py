@@ -1,4 +1,5 @@
-"""The tf.data input pipeline: targets contract (DESIGN.md §4), augmentation, K_max, sharding."""
+"""The tf.data input pipeline: targets contract (docs/design.md §4), augmentation, K_max,
+sharding."""
 from __future__ import annotations
 
 import os
@@ -236,6 +237,27 @@ def test_build_dataset_eval_and_input_context_sharding(records):
         seen.append(ids)
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(1, 8))
+
+
+def test_eval_ground_truth_map_has_the_segments_of_the_targets(records):
+    """The evaluator scores predictions against the batch's ``panoptic`` map (in the
+    prediction encoding): it holds exactly the segments the loss is given as targets, with
+    their classes, thing segments with an instance id and stuff without."""
+    from max_deeplab.panoptic_labels import data_to_prediction_encoding
+
+    for batch in build_dataset(records, False, 4, crop_size=(33, 41), k_max=12):
+        gt = data_to_prediction_encoding(batch["panoptic"], DIV).numpy()
+        ids, classes = batch["segment_ids"].numpy(), batch["segment_classes"].numpy()
+        thing = batch["segment_is_thing"].numpy()
+        assert ((gt == 0) == (ids < 0)).all()  # void, crowd and padding in both
+        for b in range(ids.shape[0]):
+            pairs = {(int(i), int(v)) for i, v in zip(ids[b].ravel(), gt[b].ravel(),
+                                                      strict=True) if i >= 0}
+            segments = {i for i, _ in pairs}
+            assert len(pairs) == len(segments) == len({v for _, v in pairs})  # one to one
+            for k, value in pairs:
+                assert value // DIV == classes[b, k] + 1
+                assert (value % DIV > 0) == thing[b, k]
 
 
 def _first_batches(dataset, count: int = 3) -> list[dict[str, np.ndarray]]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from max_deeplab.evaluation import PanopticQualityAccumulator, pq_compute
-from max_deeplab.evaluation.random_cases import (
+from random_pq_cases import (
     Segments,
     default_categories,
     random_ground_truth,
     random_prediction,
     write_coco_pair_set,
 )
+
+from max_deeplab.evaluation import PanopticQualityAccumulator, pq_compute
 
 D = 100  # label divisor used in the hand-made maps
 # labels: 0 void, 1 person (thing), 2 car (thing), 3 sky (stuff), 4 grass (stuff)

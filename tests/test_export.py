@@ -1,6 +1,6 @@
-"""SavedModel export (DESIGN.md §6): self-contained, any image size, signatures, metadata.
+"""SavedModel export (docs/design.md §6): self-contained, any image size, signatures, metadata.
 
-The default tests use a small tf_keras stand-in returning the DESIGN §3 output dict (fast);
+The default tests use a small tf_keras stand-in returning the docs/design.md §3 output dict (fast);
 the slow test exports the real `configs/tiny.gin` model through the `export` CLI.
 """
 
@@ -240,10 +240,10 @@ def test_export_cli_reports_checkpoint_mismatch(tmp_path, capsys):
 def test_export_cli_real_tiny_model(tmp_path):
     """`export` of a tiny-config checkpoint; loaded elsewhere it equals the in-process model."""
     from max_deeplab.cli import export as export_cli
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     model = build_model()
     tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt" / "ckpt"))  # dir + state
     cats = [{"id": 100 + i, "name": f"c{i}", "isthing": int(i < 4)} for i in range(8)]

@@ -1,4 +1,4 @@
-"""`max-deeplab export` (DESIGN.md §6): inputs are checked before the model is built, and a
+"""`max-deeplab export` (docs/design.md §6): inputs are checked before the model is built, and a
 `train` run directory supplies its own model config and data-set metadata.
 
 Also: a category without `isthing` is an error wherever categories are read (`convert`'s
@@ -209,10 +209,10 @@ def test_convert_rejects_a_category_without_isthing(tmp_path, capsys):
 def test_export_of_a_train_run_needs_no_flags(tmp_path):
     """`export --checkpoint RUN --export_dir DIR` of a tiny-config run: the SavedModel has
     the run's model size, its data set's categories and label divisor."""
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     model = build_model()
     run_dir = tmp_path / "run"
     tf.train.Checkpoint(model=model).save(str(run_dir / "ckpt"))

@@ -1,4 +1,4 @@
-"""The fast formulations of the axial attention (DESIGN.md §8) against straightforward ones:
+"""The fast formulations of the axial attention (docs/design.md §8) against straightforward ones:
 the relative-attention skew equals gathering a [L, L, d] table, the unskew is its
 transpose, and the whole layer (training and inference, outputs and gradients) equals the
 gather + einsum formulation with un-folded batch norms."""

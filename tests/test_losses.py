@@ -55,7 +55,7 @@ def _reference_losses(
     similarity: str = "pq",
     global_batch_size: int | None = None,
 ) -> tuple[dict, list]:
-    """Loop implementation of DESIGN.md §4; returns (weighted losses, matchings)."""
+    """Loop implementation of docs/design.md §4; returns (weighted losses, matchings)."""
     mask_logits = np.asarray(outputs["mask_logits"], np.float64)
     class_logits = np.asarray(outputs["class_logits"], np.float64)
     feature = np.asarray(outputs["pixel_feature"], np.float64)

@@ -1,4 +1,4 @@
-"""Tests for `max_deeplab.matching.hungarian_match` (paper §3.2, DESIGN.md §4).
+"""Tests for `max_deeplab.matching.hungarian_match` (paper §3.2, docs/design.md §4).
 
 Optimality is checked against an independent solver: `scipy.optimize.linear_sum_assignment`
 run directly on the valid rows (and brute force over permutations for tiny matrices).

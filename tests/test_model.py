@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_keras as tfk
 from shared_strategies import mirrored_two_cpus
 
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.layers.axial_attention import MAX_SPAN, AxialAttention, AxialSpanError
 from max_deeplab.layers.dual_path_transformer import DualPathTransformerBlock
 from max_deeplab.model import OUTPUT_KEYS, build_model
@@ -18,7 +18,7 @@ TINY_SIZE = (65, 97)  # non-square on purpose
 
 
 def _tiny_model(*bindings: str):
-    parse_gin_flags(["tiny.gin"], list(bindings))
+    parse_config(["tiny.gin"], list(bindings))
     return build_model()
 
 
@@ -213,7 +213,7 @@ def _reference_listing(path: str) -> dict[str, list[int]]:
     ("max_deeplab_s_coco_641.gin", 61_900_200, 15_856_485),
 ])
 def test_exact_parameter_counts(gin_file, total, semantic):
-    parse_gin_flags([gin_file], [])
+    parse_config([gin_file], [])
     counts = parameter_counts(build_model())
     if semantic is not None:
         assert counts["semantic_branch"]["trainable"] == semantic
@@ -224,7 +224,7 @@ def test_exact_parameter_counts(gin_file, total, semantic):
 
 @pytest.mark.slow
 def test_exact_parameter_count_l():
-    parse_gin_flags(["max_deeplab_l_coco_1025.gin"], [])
+    parse_config(["max_deeplab_l_coco_1025.gin"], [])
     counts = parameter_counts(build_model())
     assert inference_params(counts) == 450_763_880
     assert counts["semantic_branch"]["trainable"] == 107_398 - 257  # 133 classes, not 134

@@ -1,5 +1,5 @@
 """Two local worker processes train in lock-step under MultiWorkerMirroredStrategy
-(DESIGN.md §7: "tested ... with 2 local worker processes").
+(docs/design.md §7: "tested ... with 2 local worker processes").
 
 Each worker runs the project's trainer (`run_experiment`, or the whole `max-deeplab train
 --strategy multi_worker`) on its own shard of the data, with the cluster given by TF_CONFIG
@@ -155,7 +155,7 @@ STANDIN_WORKER = textwrap.dedent("""
     run_experiment(
         mode="train", model_dir=model_dir, strategy=create_strategy("multi_worker"),
         model_fn=model_fn, loss_fn=t.standin_loss,
-        optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+        optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
         train_dataset_fn=lambda ctx, batch: t.dataset_fn(batch)(ctx),
         options=dict(total_steps=steps, train_batch_size=4, checkpoint_every=2,
                      steps_per_loop=1))

@@ -1,5 +1,5 @@
-"""`panoptic_png`: the C pixel-overlap path against independent decoders and the numpy path,
-and its errors on bad PNGs."""
+"""`panoptic_png` and `png_overlap`: the C pixel-overlap path against independent decoders and
+the numpy path, and its errors on bad PNGs."""
 from __future__ import annotations
 
 import zlib
@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 from PIL import Image
 from png_files import filtered_png_bytes, filtered_scanlines, ihdr, png_bytes, png_file
-
-from max_deeplab.evaluation import panoptic_png
-from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
-from max_deeplab.evaluation.numpy_png_overlap import overlap_counts as numpy_overlap_counts
-from max_deeplab.evaluation.random_cases import (
+from random_pq_cases import (
     default_categories,
     random_ground_truth,
     random_prediction,
     write_coco_pair_set,
 )
 
-_png_overlap = panoptic_png._png_overlap
+from max_deeplab.evaluation import panoptic_png, png_overlap
+from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
+from max_deeplab.evaluation.numpy_png_overlap import overlap_counts as numpy_overlap_counts
+
+_png_overlap = png_overlap._png_overlap
 
 
 def test_c_extension_is_compiled():
     """setup.py marks it optional (an install without a compiler still works); in this
     development environment it must have been built, or the fast path goes untested."""
-    assert panoptic_png.fast_path_available(), "rebuild: pip install -e '.[dev]' (needs gcc)"
+    assert png_overlap.fast_path_available(), "rebuild: pip install -e '.[dev]' (needs gcc)"
 
 
 def _ids(rgb: np.ndarray) -> np.ndarray:
@@ -155,12 +155,12 @@ def test_c_and_numpy_paths_give_the_same_counts_and_pq(tmp_path, monkeypatch,
     paths = _pair_set(tmp_path, channels_of_pred)
     for gt_path in sorted(glob.glob(f"{paths['gt_dir']}/*.png")):
         pred_path = os.path.join(paths["pred_dir"], os.path.basename(gt_path))
-        fast = panoptic_png.pair_overlap_counts(gt_path, pred_path, "x")
+        fast = png_overlap.pair_overlap_counts(gt_path, pred_path, "x")
         assert fast == numpy_overlap_counts(panoptic_png.read_png(gt_path),
                                             panoptic_png.read_png(pred_path))
     fast_pq = pq_compute(**paths, num_workers=1)
-    monkeypatch.setattr(panoptic_png, "_png_overlap", None)  # as if not compiled
-    assert not panoptic_png.fast_path_available()
+    monkeypatch.setattr(png_overlap, "_png_overlap", None)  # as if not compiled
+    assert not png_overlap.fast_path_available()
     assert pq_compute(**paths, num_workers=1) == fast_pq
 
 
@@ -174,7 +174,7 @@ def test_sixteen_bit_and_interlaced_pngs_take_the_numpy_path(tmp_path):
                        ("interlaced.png", png_bytes(rgb.astype(np.uint8), 2, interlaced=True))):
         pred = tmp_path / name
         pred.write_bytes(data)
-        counts = panoptic_png.pair_overlap_counts(str(gt), str(pred), "x")
+        counts = png_overlap.pair_overlap_counts(str(gt), str(pred), "x")
         assert counts == {(i << 24) | i: int((ids == i).sum()) for i in range(3)}
 
 
@@ -208,9 +208,9 @@ def test_fast_path_errors_name_the_file(tmp_path, color_type, channels):
     for name, (ihdr_body, compressed, message) in cases.items():
         bad = _bad_png(tmp_path, name, ihdr_body, compressed)
         with pytest.raises(PanopticEvalError, match=message) as e:
-            panoptic_png.pair_overlap_counts(good, bad, "x")
+            png_overlap.pair_overlap_counts(good, bad, "x")
         assert name in str(e.value)
-    assert panoptic_png.pair_overlap_counts(good, good, "x") == {0: 30}
+    assert png_overlap.pair_overlap_counts(good, good, "x") == {0: 30}
 
 
 def test_size_mismatch_names_both_files(tmp_path):
@@ -218,4 +218,4 @@ def test_size_mismatch_names_both_files(tmp_path):
     big = _bad_png(tmp_path, "big.png", ihdr(6, 6, 8, 2), zlib.compress(bytes(6 * 19)))
     with pytest.raises(PanopticEvalError, match=r"image_id 7: prediction PNG .*big.png is 6x6 "
                        r"\(WxH\) but ground-truth PNG .*small.png is 5x6"):
-        panoptic_png.pair_overlap_counts(small, big, 7)
+        png_overlap.pair_overlap_counts(small, big, 7)

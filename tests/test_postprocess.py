@@ -1,4 +1,4 @@
-"""Golden tests of `max_deeplab.inference.postprocess` (paper §3.1, DESIGN.md §5).
+"""Golden tests of `max_deeplab.inference.postprocess` (paper §3.1, docs/design.md §5).
 
 Three kinds of expectations:
 * hand-made cases (thresholds just above/below, area limits at/below, ties, stuff merging)
@@ -20,7 +20,9 @@ import tensorflow as tf
 from reference_data import REFERENCE_DIR
 
 from max_deeplab.inference import postprocess
+from max_deeplab.inference.cell_pruning import cell_codes
 from max_deeplab.inference.postprocess import scaled_area_limit
+from max_deeplab.inference.slot_maps import kept_logits, kept_slots, upsample_logits
 
 REFERENCE = os.path.join(REFERENCE_DIR, "tiny", "io.npz")
 NO_AREA = {"thing_area_limit": 0, "stuff_area_limit": 0, "area_limit_reference_size": None}
@@ -208,7 +210,7 @@ def test_contiguous_label_encoding_with_void_minus_one():
 
 
 def test_area_limits_scale_with_input_area():
-    # DESIGN.md §5: 4096 / 256 at 1025² are exactly the reference's 1600 / 100 at 641².
+    # docs/design.md §5: 4096 / 256 at 1025² are exactly the reference's 1600 / 100 at 641².
     assert scaled_area_limit(4096, (641, 641), 1025) == 1600
     assert scaled_area_limit(256, (641, 641), 1025) == 100
     assert scaled_area_limit(4096, (1025, 1025), 1025) == 4096
@@ -280,7 +282,7 @@ def _np_upsample_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndar
 
 def _np_postprocess(mask_logits, class_logits, is_thing, size, paper, thing_limit,
                     stuff_limit, class_thr=0.7, pixel_thr=0.4, divisor=256):
-    """Slow per-pixel implementation of DESIGN.md §5 + the reference's void rules."""
+    """Slow per-pixel implementation of docs/design.md §5 + the reference's void rules."""
     logits = _np_upsample_align_corners(mask_logits.astype(np.float64), *size)
     z = np.exp(class_logits - class_logits.max(-1, keepdims=True))
     probs = (z / z.sum(-1, keepdims=True))[:, :-1]
@@ -457,7 +459,6 @@ def test_xla_compiles_and_matches_eager():
 
 # ------------------------------------- dynamic (kept / candidate slots) vs static path
 
-_pp_module = __import__("max_deeplab.inference.postprocess", fromlist=["_cell_codes"])
 
 
 def _smooth_logits(rng, b, h, w, n, scale=6.0):
@@ -512,7 +513,7 @@ def _full_resolution_codes(ml, kept, offset, size, threshold):
 
     Returns the codes (postprocess module docstring) and the float64 confidence.
     """
-    up = _pp_module.upsample_logits(tf.constant(ml), size).numpy()  # float32 [B, H, W, N]
+    up = upsample_logits(tf.constant(ml), size).numpy()  # float32 [B, H, W, N]
     b, n = ml.shape[0], ml.shape[-1]
     dominant = up.argmax(-1)  # first maximal slot, as tf.argmax
     scored = np.where(kept[:, None, None, :], up + offset[:, None, None, :], -np.inf)
@@ -562,7 +563,7 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
     kept[1, 9] = False  # a discarded slot dominating a region: void there
     conf = rng.uniform(0.7, 1.0, (b, n)).astype(np.float32)
     offset = np.log(conf) if paper else np.zeros_like(conf)
-    index, valid = _pp_module._kept_slots(tf.constant(kept))
+    index, valid = kept_slots(tf.constant(kept))
 
     def fail():
         raise AssertionError("dense fallback used")
@@ -571,7 +572,7 @@ def test_cell_codes_equal_full_resolution_computation(paper, logits):
     for zero_offsets, threshold, stride in itertools.product(
             (False,) if paper else (False, True), (0.4, 0.75), (2, 4, 8)):
         size = ((h - 1) * stride + 1, (w - 1) * stride + 1)
-        got = _pp_module._cell_codes(
+        got = cell_codes(
             tf.constant(ml), tf.constant(kept), index, valid, tf.constant(offset),
             size, (stride, stride), threshold, fail, max_pairs=10**9,
             zero_offsets=zero_offsets).numpy()
@@ -611,11 +612,11 @@ def test_single_image_equals_its_row_of_a_batch(paper):
     kept = rng.random((b, n)) < 0.5
     offset = (np.log(rng.uniform(0.7, 1.0, (b, n))) if paper else np.zeros((b, n))
               ).astype(np.float32)
-    index, valid = _pp_module._kept_slots(tf.constant(kept))
-    one_index, one_valid = _pp_module._kept_slots(tf.constant(kept[:1]))
-    low, off = _pp_module._kept_logits(tf.constant(ml), index, valid, tf.constant(offset))
-    one_low, one_off = _pp_module._kept_logits(tf.constant(ml[:1]), one_index, one_valid,
-                                               tf.constant(offset[:1]))
+    index, valid = kept_slots(tf.constant(kept))
+    one_index, one_valid = kept_slots(tf.constant(kept[:1]))
+    low, off = kept_logits(tf.constant(ml), index, valid, tf.constant(offset))
+    one_low, one_off = kept_logits(tf.constant(ml[:1]), one_index, one_valid,
+                                   tf.constant(offset[:1]))
     k = int(kept[0].sum())
     np.testing.assert_array_equal(one_low.numpy()[..., :k], low.numpy()[:1, ..., :k])
     np.testing.assert_array_equal(one_low.numpy()[..., :k],
@@ -672,11 +673,10 @@ def test_cell_codes_fall_back_to_dense_above_the_pair_limit():
     rng = np.random.default_rng(11)
     ml = rng.normal(0, 2, (1, 5, 5, 8)).astype(np.float32)
     kept = np.ones((1, 8), bool)
-    index, valid = _pp_module._kept_slots(tf.constant(kept))
+    index, valid = kept_slots(tf.constant(kept))
     sentinel = tf.fill([1, 17, 17], -7)
-    got = _pp_module._cell_codes(tf.constant(ml), tf.constant(kept), index, valid,
-                                 tf.zeros([1, 8]), (17, 17), (4, 4), 0.4, lambda: sentinel,
-                                 max_pairs=0)
+    got = cell_codes(tf.constant(ml), tf.constant(kept), index, valid, tf.zeros([1, 8]),
+                     (17, 17), (4, 4), 0.4, lambda: sentinel, max_pairs=0)
     assert (got.numpy() == -7).all()
 
 

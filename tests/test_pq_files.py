@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 from png_files import ihdr, png_bytes, png_file
-from reference_evaluator import reference_pq
-
-from max_deeplab.cli import pq as pq_cli
-from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
-from max_deeplab.evaluation.random_cases import (
+from random_pq_cases import (
     Segments,
     default_categories,
     random_ground_truth,
     random_prediction,
     write_coco_pair_set,
 )
+from reference_evaluator import reference_pq
+
+from max_deeplab.cli import pq as pq_cli
+from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""`max-deeplab predict` (DESIGN.md §6): overlays + COCO panoptic results accepted by the
+"""`max-deeplab predict` (docs/design.md §6): overlays + COCO panoptic results accepted by the
 reference evaluator (panopticapi, run in its own environment), unreadable images skipped."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from max_deeplab.inference.coco_results import id_to_rgb, panoptic_to_coco
+from max_deeplab.inference.coco_results import panoptic_to_coco
+from max_deeplab.panoptic_labels import id_to_rgb
 
 TABLE = {"category_ids": [7, 9, 30], "category_names": ["a", "b", "c"],
          "label_divisor": 256, "label_offset": 1, "void_label": 0}

@@ -46,10 +46,10 @@ def pretrained(tmp_path_factory) -> tuple[str, dict[str, np.ndarray]]:
     """A panoptic tiny model's checkpoint (as `train` writes it) and its backbone kernels."""
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     tfk.utils.set_random_seed(12345)
     model = build_model()
     gin.clear_config()

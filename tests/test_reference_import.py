@@ -1,4 +1,4 @@
-"""Import of the reference implementation's (deeplab2) checkpoints (issue 8, DESIGN.md §3).
+"""Import of the reference implementation's (deeplab2) checkpoints (issue 8, docs/design.md §3).
 
 * The tiny random-weight deeplab2 checkpoint (`reference/deeplab2/tiny`) imported into our
   `reference_tiny.gin` model reproduces deeplab2's own outputs on its image (io.npz) to 1e-3
@@ -23,7 +23,7 @@ import tf_keras as tfk
 from reference_data import REFERENCE_DIR
 
 from max_deeplab.cli import import_checkpoint as cli
-from max_deeplab.cli.gin_flags import parse_gin_flags
+from max_deeplab.gin_config import parse_config
 from max_deeplab.inference import postprocess
 from max_deeplab.model import build_model, restore
 from max_deeplab.model.reference_import import (
@@ -57,7 +57,7 @@ def _listing(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _model(gin_file: str) -> tfk.Model:
-    parse_gin_flags([gin_file], [])
+    parse_config([gin_file], [])
     return build_model()
 
 

@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 import tf_keras as tfk
 
-from max_deeplab.cli import evaluate
 from max_deeplab.data.metadata import (
     MetadataError,
     build_metadata,
@@ -22,6 +21,7 @@ from max_deeplab.data.metadata import (
 )
 from max_deeplab.file_system import file_exists, glob_files, read_text
 from max_deeplab.inference.export import ExportDirectoryError, export_saved_model
+from max_deeplab.training import run_directory
 
 CATEGORIES = [{"id": 1, "name": "disc", "isthing": 1}, {"id": 7, "name": "grass", "isthing": 0}]
 
@@ -83,17 +83,17 @@ def test_load_metadata_names_a_malformed_url_file(bucket):
 
 def test_run_config_of_a_url_model_dir(bucket):
     run_dir = f"{bucket}/run"
-    assert evaluate.saved_gin_config(run_dir) is None
-    assert evaluate.saved_data_flags(run_dir) == {}
+    assert run_directory.saved_gin_config(run_dir) is None
+    assert run_directory.saved_data_flags(run_dir) == {}
     tf.io.gfile.makedirs(run_dir)
     _write(f"{run_dir}/config.gin", "build_model.input_size = (65, 97)\n")
     _write(f"{run_dir}/run.json", json.dumps({"train_data": "gs://b/train-*",
                                               "eval_data": None}))
-    assert evaluate.saved_gin_config(run_dir) == f"{run_dir}/config.gin"
-    assert evaluate.saved_data_flags(run_dir)["train_data"] == "gs://b/train-*"
+    assert run_directory.saved_gin_config(run_dir) == f"{run_dir}/config.gin"
+    assert run_directory.saved_data_flags(run_dir)["train_data"] == "gs://b/train-*"
     _write(f"{run_dir}/run.json", '{"eval')
-    with pytest.raises(evaluate.RunConfigError, match=f"{run_dir}/run.json"):
-        evaluate.saved_data_flags(run_dir)
+    with pytest.raises(run_directory.RunConfigError, match=f"{run_dir}/run.json"):
+        run_directory.saved_data_flags(run_dir)
 
 
 def test_evaluate_reads_url_run_dir_and_stops_without_checkpoint(bucket, capsys):

@@ -75,10 +75,10 @@ def test_tiny_model_step_is_identical_under_xla_and_reproducible():
     import gin
     import tf_keras as tfk
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     tfk.utils.set_random_seed(0)
     model = build_model()
     gin.clear_config()
@@ -119,13 +119,13 @@ def test_drop_path_schedule_is_a_gin_choice(schedule, expected):
     others and the extra stage at 32."""
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.model import build_model
 
     bindings = ["MaXDeepLabEncoder.backbone_layer_multiplier = 0.67"]
     if schedule == "linear":
         bindings.append("BlockGroup.drop_path_schedule = 'linear'")
-    parse_gin_flags(["tiny.gin"], bindings)
+    parse_config(["tiny.gin"], bindings)
     model = build_model()
     gin.clear_config()
     encoder = model.encoder

@@ -15,7 +15,7 @@ import tensorflow as tf
 from max_deeplab.__main__ import main as cli_main
 from max_deeplab.data import convert
 from max_deeplab.data.synthetic import write_dataset
-from max_deeplab.run_config import RUN_CONFIG_JSON, save_run_config
+from max_deeplab.training.run_directory import RUN_CONFIG_JSON, save_run_config
 
 # tiny.gin's 5000 warmup steps do not fit in runs of a few steps.
 SHORT = ["--gin_bindings", "build_learning_rate_schedule.warmup_steps = 1",
@@ -186,7 +186,7 @@ def test_resume_without_flags_uses_the_saved_config_and_data(tmp_path, records, 
                                                              capsys):
     import gin
 
-    from max_deeplab.cli import train as train_cli
+    from max_deeplab.training import task
 
     model_dir = tmp_path / "run"
     model_dir.mkdir()
@@ -197,15 +197,11 @@ def test_resume_without_flags_uses_the_saved_config_and_data(tmp_path, records, 
                                                          "eval_data": None}))
     seen = []
 
-    def run(strategy, options):
-        seen.append((options["total_steps"], flags_value("train_data"),
+    def run(settings, options, print_fn=print):
+        seen.append((options["total_steps"], settings.train_data,
                      gin.query_parameter("MaXDeepLabEncoder.num_mask_slots")))
 
-    def flags_value(name):
-        from absl import flags
-        return flags.FLAGS[name].value
-
-    monkeypatch.setattr(train_cli, "_run", run)
+    monkeypatch.setattr(task, "run_mode", run)
     assert cli_main(["max-deeplab", "train", "--model_dir", str(model_dir)]) == 0, \
         capsys.readouterr().err
     assert seen == [(37, records, 16)]  # tiny.gin's 16 slots, not the S model's 128
@@ -216,10 +212,11 @@ def test_resume_without_flags_uses_the_saved_config_and_data(tmp_path, records, 
 def test_step_flags_are_saved_with_the_config(tmp_path, records, monkeypatch):
     """--steps and --checkpoint_every go into config.gin, so resuming with the saved config
     alone keeps them."""
-    from max_deeplab.cli import train as train_cli
+    from max_deeplab.training import task
 
     seen = []
-    monkeypatch.setattr(train_cli, "_run", lambda strategy, options: seen.append(options))
+    monkeypatch.setattr(task, "run_mode",
+                        lambda settings, options, print_fn=print: seen.append(options))
     assert cli_main(["max-deeplab", "train", "--model_dir", str(tmp_path / "run"),
                      "--gin_file", "tiny.gin", "--train_data", records, "--steps", "12",
                      "--checkpoint_every", "3", *SHORT]) == 0
@@ -232,14 +229,14 @@ def test_step_flags_are_saved_with_the_config(tmp_path, records, monkeypatch):
 
 def test_unfinished_checkpoint_saves_are_removed_at_start(tmp_path, records, monkeypatch,
                                                           capsys):
-    from max_deeplab.cli import train as train_cli
+    from max_deeplab.training import task
 
     model_dir = tmp_path / "run"
     (model_dir / "ckpt-9_temp").mkdir(parents=True)
     (model_dir / "ckpt-9_temp" / "part-00000-of-00001.index").write_bytes(b"half")
     (model_dir / "checkpoint.tmp0123456789abcdef").write_text("model_checkpoint_path: ")
     (model_dir / "notes_temp.txt").write_text("mine")
-    monkeypatch.setattr(train_cli, "_run", lambda strategy, options: None)
+    monkeypatch.setattr(task, "run_mode", lambda settings, options, print_fn=print: None)
     assert cli_main(["max-deeplab", "train", "--model_dir", str(model_dir), "--gin_file",
                      "tiny.gin", "--train_data", records, "--steps", "10", *SHORT]) == 0
     assert sorted(os.listdir(model_dir)) == ["notes_temp.txt"]
@@ -290,7 +287,7 @@ def _standin_experiment(model_dir, print_fn, steps: int = 8, model_fn=None):
             mode="train", model_dir=str(model_dir),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn or build,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=lambda ctx, batch: dataset_fn(batch)(ctx),
             options=dict(total_steps=steps, train_batch_size=2, checkpoint_every=4,
                          steps_per_loop=2),
@@ -377,13 +374,10 @@ def test_input_checks_leave_tf_unconfigured(tmp_path, records):
     model_dir = tmp_path / "run"
     _checkpoint(model_dir)
     code = f"""
-import sys
-from absl import flags
-from max_deeplab.cli import train
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.training import run_directory
 import tensorflow as tf
-parse_flags(["train", "--model_dir", {str(model_dir)!r}, "--train_data", {records!r}])
-train.check_inputs({str(model_dir)!r}, "train", {{"initial_checkpoint": None}})
+run_directory.check_inputs({str(model_dir)!r}, "train", {records!r}, None,
+                           {{"initial_checkpoint": None}})
 tf.config.threading.set_inter_op_parallelism_threads(1)  # RuntimeError once initialised
 print("unconfigured")
 """

@@ -19,12 +19,7 @@ from shared_strategies import mirrored_two_cpus
 from max_deeplab.model.max_deeplab import batch_norm_layer
 from max_deeplab.training import build_optimizer
 from max_deeplab.training.experiment import load_initial_checkpoint, run_experiment
-from max_deeplab.training.trainer import (
-    Evaluator,
-    NonFiniteLossError,
-    Trainer,
-    targets_to_panoptic,
-)
+from max_deeplab.training.trainer import Evaluator, NonFiniteLossError, Trainer
 
 H = W = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +34,11 @@ class StandIn(tfk.Model):
                                          kernel_initializer=tfk.initializers.GlorotUniform(1))
         self.head = tfk.layers.Dense(2, name="head",
                                      kernel_initializer=tfk.initializers.GlorotUniform(2))
+
+    @property
+    def backbone_variables(self):
+        """What `build_optimizer` gives the backbone learning-rate multiplier."""
+        return self.encoder.variables
 
     def call(self, images, training=None):
         return {"out": self.head(tf.nn.relu(self.encoder(images / 255.0)))}
@@ -79,8 +79,7 @@ def train_with(strategy, steps: int, batch: int = 4, jit: bool = False):
     with strategy.scope():
         model = StandIn()
         model(tf.zeros([1, H, W, 3]))
-        optimizer = build_optimizer(total_steps=100, base_learning_rate=0.05,
-                                    backbone_variable_regex=r"encoder/",
+        optimizer = build_optimizer(total_steps=100, model=model, base_learning_rate=0.05,
                                     **{"lookahead_sync_period": 2})
         step = tf.Variable(0, dtype=tf.int64)
     dataset = strategy.distribute_datasets_from_function(dataset_fn(batch))
@@ -155,7 +154,7 @@ def test_synchronized_batch_norm_makes_two_replicas_match_one(synchronized):
         with strategy.scope():
             model = StandInWithBatchNorm(synchronized)
             model(tf.zeros([1, H, W, 3]))
-            optimizer = build_optimizer(total_steps=100, base_learning_rate=0.05)
+            optimizer = build_optimizer(total_steps=100, model=model, base_learning_rate=0.05)
             step = tf.Variable(0, dtype=tf.int64)
         dataset = strategy.distribute_datasets_from_function(dataset_fn(4))
         Trainer(strategy, model, standin_loss, optimizer, dataset, step, 4, 3,
@@ -175,7 +174,7 @@ def _run(model_dir, mode="train", steps=6, nan_from_step=None, **options):
         model_fn=lambda: (lambda m: (m(tf.zeros([1, H, W, 3])), m)[1])(StandIn()),
         loss_fn=standin_loss,
         # A fixed schedule length, so that runs stopped at different steps share it.
-        optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+        optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
         train_dataset_fn=lambda ctx, batch: dataset_fn(batch, nan_from_step)(ctx),
         options=dict(total_steps=steps, train_batch_size=2, checkpoint_every=2,
                      steps_per_loop=2, **options),
@@ -257,7 +256,7 @@ def test_sigkill_resume_same_step_and_optimizer_state(tmp_path):
     with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
         model = StandIn()
         model(tf.zeros([1, H, W, 3]))
-        optimizer = build_optimizer(100, base_learning_rate=0.05)
+        optimizer = build_optimizer(100, model, base_learning_rate=0.05)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=step)
@@ -303,8 +302,8 @@ def _run_capturing(model_dir, steps, **options):
         built["model"](tf.zeros([1, H, W, 3]))
         return built["model"]
 
-    def optimizer_fn(total):
-        built["optimizer"] = build_optimizer(100, base_learning_rate=1e-3)
+    def optimizer_fn(total, model):
+        built["optimizer"] = build_optimizer(100, model, base_learning_rate=1e-3)
         return built["optimizer"]
 
     run_experiment(
@@ -359,15 +358,6 @@ def test_resume_restores_the_checkpointed_slow_weights(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_targets_to_panoptic():
-    segment_ids = tf.constant([[[0, 1], [-1, 2]]])
-    classes = tf.constant([[3, 5, 5]])
-    valid = tf.constant([[True, True, True]])
-    thing = tf.constant([[False, True, True]])
-    got = targets_to_panoptic(segment_ids, classes, valid, thing, label_divisor=256).numpy()
-    np.testing.assert_array_equal(got, [[[4 * 256, 6 * 256 + 2], [0, 6 * 256 + 3]]])
-
-
 class Echo(tfk.Model):
     """Stand-in whose 'prediction' is channel 0 of the image (the class label + 1)."""
 
@@ -392,7 +382,8 @@ def test_evaluator_pq(perfect):
     batch = {"image": tf.constant(np.repeat(label[..., None], 3, -1)),
              "segment_ids": tf.constant(ids), "segment_classes": tf.constant(classes),
              "segment_valid": tf.ones((2, 2), tf.bool),
-             "segment_is_thing": tf.zeros((2, 2), tf.bool)}
+             "segment_is_thing": tf.zeros((2, 2), tf.bool),
+             "panoptic": tf.constant(np.where(ids == 0, 0, 2 * 256), tf.int32)}
     perfect_batch = dict(batch)
     dataset = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensors(perfect_batch))
@@ -421,11 +412,11 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
     Lookahead) under jit_compile=True gives the plain step's loss and update."""
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.losses import MaXDeepLabLoss
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 1"])
+    parse_config(["tiny.gin"], ["build_learning_rate_schedule.warmup_steps = 1"])
     height, width = gin.query_parameter("build_model.input_size")
     rng = np.random.default_rng(0)
     k = 6
@@ -442,7 +433,7 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
         with strategy.scope():
             tfk.utils.set_random_seed(0)
             model = build_model()
-            optimizer = build_optimizer(100)
+            optimizer = build_optimizer(100, model)
             step = tf.Variable(0, dtype=tf.int64)
         initial = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
         dataset = strategy.experimental_distribute_dataset(
@@ -471,12 +462,12 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
 
     import gin
 
-    from max_deeplab.cli.gin_flags import parse_gin_flags
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.inference.postprocess import postprocess
     from max_deeplab.losses import MaXDeepLabLoss
     from max_deeplab.model import build_model
 
-    parse_gin_flags(["tiny.gin"], [])
+    parse_config(["tiny.gin"], [])
     height, width = gin.query_parameter("build_model.input_size")
     num_classes = 8
     is_thing = [c % 2 == 0 for c in range(num_classes)]
@@ -495,6 +486,11 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
              "semantic": tf.constant(np.where(ids >= 0, np.take_along_axis(
                  classes, np.maximum(ids, 0).reshape(2, -1), 1).reshape(ids.shape), -1),
                  tf.int32)}
+    # The ground-truth map of the same segments (thing instance = segment index + 1).
+    pixel_class = batch["semantic"].numpy()
+    instance = np.where(np.array(is_thing)[np.maximum(pixel_class, 0)], ids + 1, 0)
+    batch["panoptic"] = tf.constant(np.where(ids >= 0, pixel_class * 256 + instance, -1),
+                                    tf.int32)
     postprocess_fn = functools.partial(
         postprocess, is_thing=is_thing, class_threshold=0.0, pixel_threshold=0.0,
         thing_area_limit=0, stuff_area_limit=0)
@@ -533,7 +529,7 @@ def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):
             mode="train", model_dir=str(tmp_path),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=lambda ctx, batch: dataset_fn(batch, None)(ctx),
             options=dict(total_steps=2, mixed_precision="bfloat16"), print_fn=lambda line: None)
     assert seen == ["mixed_bfloat16"]
@@ -567,7 +563,7 @@ def test_images_of_another_size_than_the_model_are_an_error(tmp_path):
             mode="train", model_dir=str(model_dir),
             strategy=tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn=model_fn,
             loss_fn=standin_loss,
-            optimizer_fn=lambda total: build_optimizer(100, base_learning_rate=0.05),
+            optimizer_fn=lambda total, model: build_optimizer(100, model, base_learning_rate=0.05),
             train_dataset_fn=data_fn(width),
             options=dict(total_steps=1, train_batch_size=2, checkpoint_every=1),
             print_fn=lambda line: None)

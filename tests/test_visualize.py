@@ -148,3 +148,20 @@ def test_predict_style_table_without_colours_or_isthing():
     assert [e.name for e in legend_entries(image, panoptic, table)] == ["b"]
     with pytest.raises(ValueError, match="differ in size"):
         overlay(image, panoptic[:10], table)
+
+
+def test_colorize_gives_each_segment_its_own_colour_and_void_black():
+    from max_deeplab.inference.visualize import colorize
+
+    panoptic = np.array([[[0, 257, 257, 258], [512, 512, 0, 259]],
+                         [[257, 0, 0, 0], [512, 258, 258, 258]]])
+    rgb = colorize(panoptic)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 4, 3)
+    assert (rgb[panoptic == 0] == 0).all()
+    colours = {}
+    for value, colour in zip(panoptic.ravel(), rgb.reshape(-1, 3), strict=True):
+        colours.setdefault(int(value), set()).add(tuple(int(c) for c in colour))
+    assert all(len(c) == 1 for c in colours.values())  # the same in every image
+    instance_colours = [next(iter(colours[v])) for v in (257, 258, 259)]
+    assert len(set(instance_colours)) == 3  # touching instances of one class differ
+    assert (0, 0, 0) not in instance_colours + [next(iter(colours[512]))]

@@ -20,27 +20,29 @@ import sys
 
 from absl import flags
 
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 
-flags.DEFINE_string("annotations", None, "COCO panoptic annotation JSON.", allow_override=True)
+FLAGS = shared_flags.new_flag_values()
+flags.DEFINE_string("annotations", None, "COCO panoptic annotation JSON.", flag_values=FLAGS)
 flags.DEFINE_string("images", None, "Directory of the images (images[].file_name).",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("panoptic", None, "Directory of the panoptic PNGs (annotations[].file_name).",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("output", None, "Output prefix: PREFIX-NNNNN-of-KKKKK.tfrecord and "
-                    "PREFIX-metadata.json.", allow_override=True)
+                    "PREFIX-metadata.json.", flag_values=FLAGS)
 flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards.", lower_bound=1,
-                     allow_override=True)
+                     flag_values=FLAGS)
 flags.DEFINE_integer("num_workers", None, "Decoding worker processes (default: the usable "
-                     "CPU cores; 1 = convert in this process).", lower_bound=1, allow_override=True)
-flags.DEFINE_integer("label_divisor", 256, "panoptic = class * label_divisor + instance.",
-                     lower_bound=2, allow_override=True)
+                     "CPU cores; 1 = convert in this process).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("label_divisor", LABEL_DIVISOR,
+                     "panoptic = class * label_divisor + instance.", lower_bound=2,
+                     flag_values=FLAGS)
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
-    FLAGS = flags.FLAGS
     missing = [n for n in ("annotations", "images", "panoptic", "output") if not FLAGS[n].value]
     if missing:
         print(f"{argv[0]}: missing required flag(s): " + ", ".join(f"--{n}" for n in missing),

@@ -1,4 +1,4 @@
-"""max-deeplab export: a checkpoint -> a self-contained SavedModel (DESIGN.md §6).
+"""max-deeplab export: a checkpoint -> a self-contained SavedModel (docs/design.md §6).
 
     max-deeplab export --checkpoint CKPT --export_dir DIR [--gin_file F --gin_bindings B]
                        [--metadata PATH] [--input_size H,W]
@@ -22,82 +22,36 @@ import sys
 
 from absl import flags
 
-from max_deeplab.cli import gin_flags
-from max_deeplab.cli.flag_parsing import parse_flags
-from max_deeplab.data.metadata import MetadataError, find_metadata, load_categories_file
-from max_deeplab.file_system import glob_files
+from max_deeplab.cli import shared_flags
+from max_deeplab.data.metadata import load_categories_file
+from max_deeplab.training import run_directory
 
+FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("checkpoint", None, "A `train` model directory (latest checkpoint) or a "
-                    "checkpoint prefix.", allow_override=True)
+                    "checkpoint prefix.", flag_values=FLAGS)
 flags.DEFINE_string("export_dir", None, "Directory to write the SavedModel to (must not "
-                    "exist or be empty).", allow_override=True)
+                    "exist or be empty).", flag_values=FLAGS)
 flags.DEFINE_string("metadata", None, "Data-set metadata JSON written by `convert` "
                     "(PREFIX-metadata.json), or a COCO panoptic JSON with 'categories'. "
                     "Default: the metadata of the data in the run's run.json, else a "
-                    "*metadata.json beside the checkpoint.", allow_override=True)
+                    "*metadata.json beside the checkpoint.", flag_values=FLAGS)
 flags.DEFINE_string("input_size", None, "H,W the image is resized-to-fit and padded to "
-                    "(default: gin build_model.input_size).", allow_override=True)
-
-FLAGS = flags.FLAGS
+                    "(default: gin build_model.input_size).", flag_values=FLAGS)
+shared_flags.define_gin_flags(FLAGS)
 
 
 class ExportSetupError(ValueError):
     """A problem found before the model is built (the message names the flag or file)."""
 
 
-def _metadata_beside(run_dir: str) -> str | None:
-    """A metadata JSON in the checkpoint's directory (or its parent), if any."""
-    for directory in (run_dir, os.path.dirname(run_dir.rstrip("/"))):
-        found = glob_files(os.path.join(directory, "*metadata.json"))
-        if found:
-            return found[0]
-    return None
-
-
-def _metadata_path(run_dir: str) -> str:
-    """--metadata, else the metadata of the data the run was trained (or evaluated) on, as
-    recorded in its run.json, else a metadata file beside the checkpoint."""
-    # Imported once the flags are parsed: `evaluate` imports `train`, whose flags `export`
-    # does not take and must not list in its --help.
-    from max_deeplab.cli import evaluate, train
-
-    if FLAGS.metadata:
-        return FLAGS.metadata
-    data_flags = evaluate.saved_data_flags(run_dir)
-    data = data_flags.get("train_data") or data_flags.get("eval_data")
-    if data:
-        try:
-            return find_metadata(data)
-        except MetadataError as e:
-            # The recorded data may have moved, or be relative to another directory: a
-            # metadata file beside the checkpoint still serves.
-            found = _metadata_beside(run_dir)
-            if found is not None:
-                return found
-            raise ExportSetupError(
-                f"the run's data {data!r} (recorded in "
-                f"{os.path.join(run_dir, train.RUN_CONFIG_JSON)}) has no readable metadata: "
-                f"{e} Pass --metadata PATH") from e
-    found = _metadata_beside(run_dir)
-    if found is None:
-        raise ExportSetupError(
-            f"no data-set metadata found for {FLAGS.checkpoint} (no {train.RUN_CONFIG_JSON} "
-            f"naming the data, no *metadata.json in {run_dir} or its parent); pass --metadata "
-            "PATH (PREFIX-metadata.json from `convert`, or a COCO panoptic JSON with "
-            "'categories')")
-    return found
-
-
 def _gin_files(run_dir: str) -> list[str]:
     """--gin_file, else the run's saved config.gin (none: gin's defaults)."""
-    from max_deeplab.cli import evaluate, train  # see `_metadata_path`
-
     if FLAGS.gin_file:
         return list(FLAGS.gin_file)
-    saved = evaluate.saved_gin_config(run_dir)
+    saved = run_directory.saved_gin_config(run_dir)
     if saved is None:
-        print(f"note: no {os.path.join(run_dir, train.RUN_CONFIG_GIN)} and no --gin_file: "
-              "exporting the default model configuration", file=sys.stderr)
+        print(f"note: no {os.path.join(run_dir, run_directory.RUN_CONFIG_GIN)} and no "
+              "--gin_file: exporting the default model configuration", file=sys.stderr)
         return []
     return [saved]
 
@@ -127,7 +81,7 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
       OSError, ValueError (ExportSetupError, MetadataError, RunConfigError,
         CheckpointReadError, gin errors): naming the flag or file at fault.
     """
-    from max_deeplab.cli.train import check_num_classes
+    from max_deeplab.gin_config import parse_config
     from max_deeplab.inference.export import export_dir_problem
     from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
 
@@ -142,16 +96,17 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
     # The run's files (config.gin, run.json) sit beside its checkpoints: --checkpoint is
     # that directory, or a prefix in it (resolving returns a prefix unchanged).
     run_dir = FLAGS.checkpoint if prefix != FLAGS.checkpoint else os.path.dirname(prefix)
-    metadata_path = _metadata_path(run_dir)
+    metadata_path = FLAGS.metadata or run_directory.data_metadata_path(run_dir,
+                                                                       FLAGS.checkpoint)
     gin_files = _gin_files(run_dir)
     metadata = load_categories_file(metadata_path)
-    gin_flags.parse_gin_flags(gin_files, FLAGS.gin_bindings)
-    check_num_classes(len(metadata["categories"]), metadata_path)
+    parse_config(gin_files, FLAGS.gin_bindings)
+    run_directory.check_num_classes(len(metadata["categories"]), metadata_path)
     return prefix, metadata_path, metadata, _input_size()
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
     for name in ("checkpoint", "export_dir"):
         if not getattr(FLAGS, name):

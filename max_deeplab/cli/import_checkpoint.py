@@ -8,18 +8,20 @@ import time
 
 from absl import flags
 
-from max_deeplab.cli import gin_flags  # noqa: F401  (defines --gin_file/--gin_bindings)
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
 from max_deeplab.file_system import directory_problem
+from max_deeplab.gin_config import parse_config
 
+FLAGS = shared_flags.new_flag_values()
+shared_flags.define_gin_flags(FLAGS)
 flags.DEFINE_string("reference_checkpoint", None,
                     "The reference (deeplab2) checkpoint: a prefix such as "
                     "DIR/ckpt-400000, its .index file, or a directory holding it.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("output", None, "Directory to write our checkpoint to (ckpt-0 plus the "
-                    "'checkpoint' index file and reference_import.json).", allow_override=True)
+                    "'checkpoint' index file and reference_import.json).", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists and is not empty.",
-                  allow_override=True)
+                  flag_values=FLAGS)
 
 DOC = """Imports a published MaX-DeepLab checkpoint of the reference implementation (deeplab2,
 TF2 checkpoint format; the deeplab2 code is not needed) into this project's model built from
@@ -35,9 +37,8 @@ PROG = "max-deeplab import-checkpoint"
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, DOC) is None:
+    if shared_flags.parse_flags(argv, FLAGS, DOC) is None:
         return 0
-    FLAGS = flags.FLAGS
     for name in ("reference_checkpoint", "output"):
         if not getattr(FLAGS, name):
             print(f"{PROG}: --{name} is required", file=sys.stderr)
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
               f"to replace it)", file=sys.stderr)
         return 1
     try:
-        gin_flags.parse_gin_flags()
+        parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
     except (FileNotFoundError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

@@ -20,25 +20,26 @@ from typing import Any
 
 from absl import flags
 
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
+from max_deeplab.panoptic_labels import PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 
+FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("gt_json", None, "Ground-truth COCO panoptic JSON (images, annotations, "
-                    "categories).", allow_override=True)
+                    "categories).", flag_values=FLAGS)
 flags.DEFINE_string("gt_dir", None, "Directory of the ground-truth panoptic PNGs.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("images_dir", None, "Directory of the photos named by the JSON's "
-                    "images[].file_name.", allow_override=True)
+                    "images[].file_name.", flag_values=FLAGS)
 flags.DEFINE_string("pred_json", None, "Optional prediction COCO panoptic JSON.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("pred_dir", None, "Directory of the prediction PNGs (with --pred_json).",
-                    allow_override=True)
-flags.DEFINE_string("output_dir", None, "Directory for the drawings.", allow_override=True)
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Directory for the drawings.", flag_values=FLAGS)
 flags.DEFINE_float("scale", 1.0, "Resize factor applied before drawing.", lower_bound=0.05,
-                   allow_override=True)
+                   flag_values=FLAGS)
 flags.DEFINE_string("combined", None, "Optional PNG path: every image's drawing stacked.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 
-FLAGS = flags.FLAGS
 # Thing segments of one class in an image are numbered below this (COCO has < 1000).
 _LABEL_DIVISOR = 1 << 16
 TITLE_HEIGHT = 18
@@ -69,7 +70,8 @@ def overlay_table(categories: Any, source: str) -> dict[str, Any]:
         table = category_table({"categories": categories}, len(categories or []))
     except ValueError as e:
         raise InputError(f"{source}: {e}") from e
-    return {**table, "label_divisor": _LABEL_DIVISOR, "label_offset": 1, "void_label": 0}
+    return {**table, "label_divisor": _LABEL_DIVISOR, "label_offset": PREDICTION_LABEL_OFFSET,
+            "void_label": PREDICTION_VOID}
 
 
 def _panel(photo_path: str, png_path: str, segments: list[dict[str, Any]],
@@ -78,9 +80,9 @@ def _panel(photo_path: str, png_path: str, segments: list[dict[str, Any]],
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from max_deeplab.data.coco_format import rgb_to_id
     from max_deeplab.inference.coco_results import coco_to_panoptic
     from max_deeplab.inference.visualize import overlay
+    from max_deeplab.panoptic_labels import rgb_to_id
 
     try:
         with Image.open(photo_path) as im:
@@ -174,7 +176,7 @@ def _draw_all() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
     for name in ("gt_json", "gt_dir", "images_dir", "output_dir"):
         if not getattr(FLAGS, name):

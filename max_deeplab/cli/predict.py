@@ -1,4 +1,4 @@
-"""max-deeplab predict: run an exported SavedModel on images (DESIGN.md §6).
+"""max-deeplab predict: run an exported SavedModel on images (docs/design.md §6).
 
     max-deeplab predict --saved_model DIR --images GLOB --output_dir DIR [--images_json F]
 
@@ -32,19 +32,19 @@ from typing import Any
 from absl import flags
 
 from max_deeplab.atomic_files import temporary_path, write_json_atomic
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
 from max_deeplab.file_system import nearest_existing_path
 
+FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("saved_model", None, "SavedModel directory written by `export`.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_string("images", None, "Glob of input images (any format Pillow reads); "
-                    "comma-separated globs allowed.", allow_override=True)
+                    "comma-separated globs allowed.", flag_values=FLAGS)
 flags.DEFINE_string("output_dir", None, "Directory for overlays, panoptic PNGs and "
-                    "predictions.json.", allow_override=True)
+                    "predictions.json.", flag_values=FLAGS)
 flags.DEFINE_string("images_json", None, "Optional COCO JSON whose 'images' give the "
-                    "image_id of each file_name.", allow_override=True)
+                    "image_id of each file_name.", flag_values=FLAGS)
 
-FLAGS = flags.FLAGS
 
 OVERLAY_DIR = "overlays"
 PANOPTIC_DIR = "panoptic"
@@ -192,7 +192,7 @@ def _save_png(image: Any, path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
     for name in ("saved_model", "images", "output_dir"):
         if not getattr(FLAGS, name):
@@ -221,8 +221,9 @@ def main(argv: list[str]) -> int:
     import tensorflow as tf
     from PIL import Image
 
-    from max_deeplab.inference.coco_results import id_to_rgb, panoptic_to_coco
+    from max_deeplab.inference.coco_results import panoptic_to_coco
     from max_deeplab.inference.visualize import overlay
+    from max_deeplab.panoptic_labels import id_to_rgb
 
     overlay_dir = os.path.join(FLAGS.output_dir, OVERLAY_DIR)
     png_dir = os.path.join(FLAGS.output_dir, PANOPTIC_DIR)

@@ -5,11 +5,13 @@ import sys
 
 from absl import flags
 
-from max_deeplab.cli import gin_flags  # noqa: F401  (defines --gin_file/--gin_bindings)
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
+from max_deeplab.gin_config import parse_config
 
+FLAGS = shared_flags.new_flag_values()
+shared_flags.define_gin_flags(FLAGS)
 flags.DEFINE_bool("flops", True, "Also count FLOPs at the configured input size (traces the "
-                  "model once; a few seconds for MaX-DeepLab-S).", allow_override=True)
+                  "model once; a few seconds for MaX-DeepLab-S).", flag_values=FLAGS)
 
 DOC = """Prints parameter counts (total, backbone, memory path, decoder, heads, semantic
 branch) and FLOPs of the model configured by --gin_file/--gin_bindings. The line
@@ -18,22 +20,18 @@ training-only auxiliary semantic branch); `semantic_head_params: N` counts that 
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, DOC) is None:
+    if shared_flags.parse_flags(argv, FLAGS, DOC) is None:
         return 0
     try:
-        gin_flags.parse_gin_flags()
+        parse_config(FLAGS.gin_file, FLAGS.gin_bindings)
     except (FileNotFoundError, ValueError) as e:
         print(f"max-deeplab summary: {e}", file=sys.stderr)
         return 2
     import gin
 
     from max_deeplab.model import build_model
-    from max_deeplab.model.summary import (
-        PART_DESCRIPTIONS,
-        inference_params,
-        model_flops,
-        parameter_counts,
-    )
+    from max_deeplab.model.partition import PART_DESCRIPTIONS
+    from max_deeplab.model.summary import inference_params, model_flops, parameter_counts
 
     model = build_model()
     input_size = gin.query_parameter("build_model.input_size") if _bound(
@@ -48,7 +46,7 @@ def main(argv: list[str]) -> int:
     print(f"total_params: {total}")
     print(f"semantic_head_params: {counts['semantic_branch']['trainable']}")
     print(f"bn_statistics: {sum(c['non_trainable'] for c in counts.values())}")
-    if flags.FLAGS.flops:
+    if FLAGS.flops:
         flops, semantic_flops = model_flops(model, tuple(input_size))
         print(f"flops: {flops}  ({flops / 1e9:.1f} GFLOPs at batch 1, multiply-add = 2 FLOPs, "
               f"without the semantic branch)")

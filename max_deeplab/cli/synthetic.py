@@ -17,28 +17,28 @@ import time
 
 from absl import flags
 
-from max_deeplab.cli.flag_parsing import parse_flags
+from max_deeplab.cli import shared_flags
 
+FLAGS = shared_flags.new_flag_values()
 flags.DEFINE_string("output_dir", None, "Directory to write the data set into.",
-                    allow_override=True)
+                    flag_values=FLAGS)
 flags.DEFINE_integer("num_images", 100, "Total number of images (train + val).", lower_bound=1,
-                     allow_override=True)
+                     flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Random seed; image i depends only on (seed, i).",
-                     allow_override=True)
-flags.DEFINE_integer("height", 128, "Image height in pixels.", lower_bound=16, allow_override=True)
-flags.DEFINE_integer("width", 160, "Image width in pixels.", lower_bound=16, allow_override=True)
+                     flag_values=FLAGS)
+flags.DEFINE_integer("height", 128, "Image height in pixels.", lower_bound=16, flag_values=FLAGS)
+flags.DEFINE_integer("width", 160, "Image width in pixels.", lower_bound=16, flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace the data set already in --output_dir (its "
                   "annotations/panoptic_{train,val}.json, {train,val}/ and panoptic_{train,val}/, "
-                  "whole); other files there are kept.", allow_override=True)
+                  "whole); other files there are kept.", flag_values=FLAGS)
 flags.DEFINE_integer("num_val_images", None, "Images in the val split (the last ones); "
                      "default: a fifth of --num_images (at least 1 when there are 2+).",
-                     lower_bound=0, allow_override=True)
+                     lower_bound=0, flag_values=FLAGS)
 
 
 def main(argv: list[str]) -> int:
-    if parse_flags(argv, __doc__) is None:
+    if shared_flags.parse_flags(argv, FLAGS, __doc__) is None:
         return 0
-    FLAGS = flags.FLAGS
     if not FLAGS.output_dir:
         print(f"{argv[0]}: missing required flag --output_dir", file=sys.stderr)
         return 2
@@ -58,10 +58,7 @@ def main(argv: list[str]) -> int:
             print(f"{split}: {done}/{total} images", flush=True)
 
     try:
-        # `train` defines --seed too, default None (unseeded); absl keeps the definition
-        # imported last, so in a process that imported both (tests) this one's 0 may be gone.
-        seed = 0 if FLAGS.seed is None else FLAGS.seed
-        counts = write_dataset(FLAGS.output_dir, FLAGS.num_images, seed, FLAGS.height,
+        counts = write_dataset(FLAGS.output_dir, FLAGS.num_images, FLAGS.seed, FLAGS.height,
                                FLAGS.width, FLAGS.num_val_images, progress,
                                overwrite=FLAGS.overwrite)
     except DatasetExistsError as e:

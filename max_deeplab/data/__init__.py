@@ -10,7 +10,8 @@ import importlib
 from typing import Any
 
 from max_deeplab.data.metadata import MetadataError, find_metadata, load_metadata
-from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR, IGNORE_PANOPTIC
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC
+from max_deeplab.panoptic_labels import LABEL_DIVISOR as DEFAULT_LABEL_DIVISOR
 
 _LAZY = {
     "decode_example": "max_deeplab.data.tfrecord",

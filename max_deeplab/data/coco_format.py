@@ -22,6 +22,7 @@ from PIL import Image
 from max_deeplab.data import schema
 from max_deeplab.data.metadata import categories_problem
 from max_deeplab.file_system import read_regular_file
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC, LABEL_DIVISOR, rgb_to_id
 
 
 class ConversionError(Exception):
@@ -50,18 +51,6 @@ class CocoPanoptic:
     contiguous: dict[int, int]  # COCO category id -> contiguous class index
     isthing: dict[int, bool]    # COCO category id -> thing?
     jobs: list[ImageJob]
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG [H, W, 3] uint8 -> segment id map [H, W] (id = R + 256 G + 256² B)."""
-    rgb = rgb.astype(np.uint32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Inverse of `rgb_to_id`: [H, W] ids < 2**24 -> [H, W, 3] uint8."""
-    ids = ids.astype(np.uint32)
-    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
 def _is_int(value: Any) -> bool:
@@ -221,7 +210,7 @@ def _decode(data: bytes, path: str, what: str, job: ImageJob) -> Image.Image:
 
 
 def convert_image(job: ImageJob, contiguous: dict[int, int], isthing: dict[int, bool],
-                  label_divisor: int = schema.DEFAULT_LABEL_DIVISOR) -> dict[str, Any]:
+                  label_divisor: int = LABEL_DIVISOR) -> dict[str, Any]:
     """Validates one image against its annotation; returns the fields of one Example.
 
     Checks: image and PNG exist and decode, both have the same size (and the JSON's, when
@@ -294,7 +283,7 @@ def convert_image(job: ImageJob, contiguous: dict[int, int], isthing: dict[int, 
         out[schema.SEGMENTS_IS_CROWD].append(int(crowd))
         out[schema.SEGMENTS_AREA].append(int(area_of[sid]))
         out[schema.SEGMENTS_PANOPTIC].append(
-            schema.IGNORE_PANOPTIC if crowd else cls * label_divisor + instance)
+            IGNORE_PANOPTIC if crowd else cls * label_divisor + instance)
     out.update({
         schema.IMAGE_ENCODED: image_bytes,
         schema.IMAGE_FORMAT: image_format.encode(),

@@ -27,6 +27,7 @@ from max_deeplab.atomic_files import (
     temporary_path,
     write_json_atomic,
 )
+from max_deeplab.cpu_cores import default_num_workers
 from max_deeplab.data import coco_format, schema
 from max_deeplab.data import metadata as metadata_lib
 from max_deeplab.file_system import (
@@ -35,6 +36,7 @@ from max_deeplab.file_system import (
     remove_empty_dirs,
 )
 from max_deeplab.interruption import signal_name, signals_held
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 
 _WORKER_STATE: dict[str, Any] = {}
 
@@ -51,13 +53,6 @@ def _init_worker(contiguous: dict[int, int], isthing: dict[int, bool], label_div
 def _convert_job(job: coco_format.ImageJob) -> dict[str, Any]:
     return coco_format.convert_image(job, _WORKER_STATE["contiguous"], _WORKER_STATE["isthing"],
                                      _WORKER_STATE["label_divisor"])
-
-
-def default_num_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def check_output_prefix(output_prefix: str) -> None:
@@ -162,7 +157,7 @@ def _write_temporaries(dataset: coco_format.CocoPanoptic, temps: list[str], num_
 
 def convert(annotations: str, images_dir: str, panoptic_dir: str, output_prefix: str,
             num_shards: int = 8, num_workers: int | None = None,
-            label_divisor: int = schema.DEFAULT_LABEL_DIVISOR,
+            label_divisor: int = LABEL_DIVISOR,
             log: Callable[[str], None] = print, progress_every_s: float = 5.0
             ) -> dict[str, Any]:
     """Converts a COCO panoptic data set; returns the metadata written beside the shards.

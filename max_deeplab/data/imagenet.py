@@ -10,7 +10,7 @@ cropped window is decoded (`decode_and_crop_jpeg`, the model garden's `preproces
   (the usual 224 of 256).
 
 Batches are `{"image": float32 [B, S, S, 3] in [0, 255], "label": int32 [B]}` (the model
-normalises images itself, DESIGN.md §3). Evaluation batches are padded to the full batch
+normalises images itself, docs/design.md §3). Evaluation batches are padded to the full batch
 size with label -1 so every step has static shapes (TPU) and no example is dropped; the
 evaluator ignores labels < 0.
 """

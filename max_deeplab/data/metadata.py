@@ -38,8 +38,9 @@ import re
 from typing import Any
 
 from max_deeplab.atomic_files import is_temporary
-from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR, FORMAT_VERSION, IGNORE_PANOPTIC
+from max_deeplab.data.schema import FORMAT_VERSION
 from max_deeplab.file_system import file_exists, file_size, glob_files, read_text
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC, LABEL_DIVISOR
 
 METADATA_SUFFIX = "-metadata.json"
 _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(\d{5})-of-(\d{5})\.tfrecord$")
@@ -148,7 +149,7 @@ def check_shards(file_pattern: str, metadata: dict[str, Any] | None = None) -> l
 
 
 def build_metadata(categories: list[dict[str, Any]],
-                   label_divisor: int = DEFAULT_LABEL_DIVISOR,
+                   label_divisor: int = LABEL_DIVISOR,
                    **extra: Any) -> dict[str, Any]:
     """Metadata for COCO `categories`; the contiguous index is the rank of the category id.
 

@@ -1,4 +1,4 @@
-"""The tf.data input pipeline: decoded examples -> the targets contract of DESIGN.md §4.
+"""The tf.data input pipeline: decoded examples -> the targets contract (docs/design.md §4).
 
 Training (paper §4, following Axial-DeepLab's COCO recipe): resize so the image fits the
 crop (longer side = crop for a square crop), random scale in [min_scale, max_scale],
@@ -21,8 +21,8 @@ import gin
 import tensorflow as tf
 
 from max_deeplab.data import metadata as metadata_lib
-from max_deeplab.data.schema import IGNORE_PANOPTIC
 from max_deeplab.data.tfrecord import decode_example
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC
 
 TARGET_KEYS = ("image", "segment_ids", "segment_classes", "segment_valid", "segment_is_thing",
                "semantic")
@@ -38,6 +38,15 @@ def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Ten
     """int32 [2]: round([H, W] * scale), at least 1."""
     size = tf.cast(tf.stack([height, width]), tf.float32) * scale
     return tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
+
+
+def fit_size(height: tf.Tensor, width: tf.Tensor, target: Sequence[int]) -> tf.Tensor:
+    """int32 [2]: the aspect-preserving resize of an H x W image that fits `target` (H, W):
+    its longer side (relative to the target's) takes the target's length. The one rule by
+    which evaluation (`preprocess_eval`, before padding at the bottom/right) and the
+    SavedModel (`max_deeplab.inference.export`) bring an image to the model's input size;
+    training scales it further at random (`preprocess_train`)."""
+    return scaled_size(height, width, fit_scale(height, width, target))
 
 
 def _axis_sampling(in_size: tf.Tensor, scaled: tf.Tensor, out_size: int, offset: tf.Tensor):
@@ -128,7 +137,7 @@ def flip_left_right(image: tf.Tensor, panoptic: tf.Tensor, flip: tf.Tensor
 def panoptic_to_targets(panoptic: tf.Tensor, k_max: int, is_thing: Sequence[bool] | tf.Tensor,
                         label_divisor: int, image_id: tf.Tensor | None = None
                         ) -> dict[str, tf.Tensor]:
-    """The per-image targets of DESIGN.md §4 from a panoptic label map [H, W].
+    """The per-image targets of docs/design.md §4 from a panoptic label map [H, W].
 
     Segments are the distinct non-negative panoptic values, ordered by decreasing area (ties
     by value). With more than `k_max` segments the largest `k_max` are kept and a warning
@@ -223,7 +232,7 @@ def preprocess_eval(example: dict[str, tf.Tensor], crop_size: Sequence[int], k_m
     """
     original = example["panoptic"]
     shape = tf.shape(original)
-    resized_size = scaled_size(shape[0], shape[1], fit_scale(shape[0], shape[1], crop_size))
+    resized_size = fit_size(shape[0], shape[1], crop_size)
     image, panoptic = resize_window(example["image"], original, resized_size, crop_size,
                                     tf.zeros([2], tf.int32), pad_value)
     image = tf.ensure_shape(image, [crop_size[0], crop_size[1], 3])
@@ -254,7 +263,7 @@ def build_dataset(file_pattern: str,
                   repeat: bool | None = None,
                   tfds_data_dir: str | None = None,
                   seed: int | None = None) -> tf.data.Dataset:
-    """Batches of the DESIGN.md §4 targets from TFRecord shards of `max-deeplab convert`.
+    """Batches of the docs/design.md §4 targets from TFRecord shards of `max-deeplab convert`.
 
     Args:
       file_pattern: shard glob(s), comma-separated; or ``tfds:<name>:<split>`` (e.g.
@@ -265,7 +274,7 @@ def build_dataset(file_pattern: str,
       crop_size: model input (H, W); 641 x 641 for MaX-DeepLab-S (paper §4).
       min_scale, max_scale: random scale range on top of the fit-to-crop resize; the paper
         inherits Axial-DeepLab's COCO recipe, whose range is [0.5, 1.5].
-      k_max: segments per image kept (DESIGN.md §4); must cover the data set's largest count.
+      k_max: segments per image kept (docs/design.md §4); must cover the data set's largest count.
       input_context: from `strategy.distribute_datasets_from_function`; shards the files (or
         the records, when there are fewer files than input pipelines) per input pipeline.
       metadata: data-set metadata; default `load_metadata(file_pattern)`.

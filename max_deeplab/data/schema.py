@@ -14,8 +14,9 @@ key                            type     content
 ``image/width``                int64    image width in pixels
 ``image/id``                   int64    the COCO ``image_id``
 ``image/filename``             bytes    the image's file name in the source data set
-``panoptic/encoded``           bytes    the COCO panoptic PNG (RGB; id = R + 256 G + 256² B,
-                                        0 = void), unchanged from the source
+``panoptic/encoded``           bytes    the COCO panoptic PNG (RGB ids,
+                                        `panoptic_labels.rgb_to_id`; 0 = void),
+                                        unchanged from the source
 ``panoptic/format``            bytes    ``png``
 ``segments/id``                int64[]  COCO segment id of each segment in the PNG
 ``segments/class``             int64[]  contiguous class index 0..C-1 of each segment
@@ -25,19 +26,15 @@ key                            type     content
 ``segments/area``              int64[]  pixel count of each segment in the PNG
 ``segments/panoptic``          int64[]  the segment's panoptic label
                                         ``class * label_divisor + instance``, or
-                                        `IGNORE_PANOPTIC` for crowd segments
+                                        `panoptic_labels.IGNORE_PANOPTIC` for crowd
+                                        segments
 =============================  =======  =====================================================
 
-`max_deeplab.data.decode_example` turns this into the panoptic label map of DESIGN.md §6.
+`max_deeplab.data.decode_example` turns this into a label map in the data encoding of
+`max_deeplab.panoptic_labels`.
 """
 from __future__ import annotations
 
-# Panoptic label value of void pixels (unlabelled in COCO: PNG id 0) and of crowd pixels:
-# every loss term and the in-training PQ skip them (DESIGN.md §4).
-IGNORE_PANOPTIC = -1
-# panoptic = class * LABEL_DIVISOR + instance; COCO has at most ~100 instances of one class
-# in an image, so 256 leaves room and matches DESIGN.md §5's encoding.
-DEFAULT_LABEL_DIVISOR = 256
 # Version tag of the metadata JSON and of the schema above.
 FORMAT_VERSION = "max_deeplab.panoptic_tfrecord.v1"
 

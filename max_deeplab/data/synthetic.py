@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from max_deeplab.atomic_files import write_json_atomic
-from max_deeplab.data.coco_format import id_to_rgb
 from max_deeplab.file_system import create_missing_dirs, remove_empty_dirs
+from max_deeplab.panoptic_labels import id_to_rgb
 
 # (COCO-style id, name, isthing, colour used for visualisation, base hue of its pixels)
 CATEGORIES: tuple[tuple[int, str, int, tuple[int, int, int], float], ...] = (
@@ -258,7 +258,7 @@ def dataset_paths(output_dir: str) -> list[str]:
 def write_dataset(output_dir: str, num_images: int, seed: int = 0, height: int = 128,
                   width: int = 160, num_val_images: int | None = None,
                   progress: Any = None, overwrite: bool = False) -> dict[str, int]:
-    """Writes the data set in the COCO panoptic layout (DESIGN.md §6).
+    """Writes the data set in the COCO panoptic layout (docs/design.md §6).
 
     ``output_dir/annotations/panoptic_{train,val}.json``, ``output_dir/panoptic_{train,val}/
     <id>.png`` and ``output_dir/{train,val}/<id>.jpg``. The last `num_val_images` images

@@ -19,8 +19,8 @@ from typing import Any
 import tensorflow as tf
 
 from max_deeplab.data import metadata as metadata_lib
-from max_deeplab.data.schema import DEFAULT_LABEL_DIVISOR, IGNORE_PANOPTIC
 from max_deeplab.data.tfrecord import panoptic_from_ids
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC, LABEL_DIVISOR, rgb_to_id
 
 # COCO panoptic: 80 thing categories (ids 1..90) listed before 53 stuff categories.
 COCO_NUM_THING_CLASSES = 80
@@ -28,7 +28,7 @@ COCO_NUM_THING_CLASSES = 80
 
 def tfds_metadata(class_names: list[str], annotations_json: str | None = None,
                   num_thing_classes: int = COCO_NUM_THING_CLASSES,
-                  label_divisor: int = DEFAULT_LABEL_DIVISOR) -> dict[str, Any]:
+                  label_divisor: int = LABEL_DIVISOR) -> dict[str, Any]:
     """Metadata for a TFDS panoptic builder (see the module docstring)."""
     if annotations_json is not None:
         with open(annotations_json) as f:
@@ -45,7 +45,7 @@ def tfds_metadata(class_names: list[str], annotations_json: str | None = None,
 
 
 def tfds_example_to_decoded(example: dict[str, Any], is_thing: tf.Tensor,
-                            label_divisor: int = DEFAULT_LABEL_DIVISOR) -> dict[str, tf.Tensor]:
+                            label_divisor: int = LABEL_DIVISOR) -> dict[str, tf.Tensor]:
     """One ``coco/*_panoptic`` TFDS example -> the `decode_example` dict.
 
     Instance ids count the non-crowd thing segments of each class in annotation order
@@ -63,8 +63,7 @@ def tfds_example_to_decoded(example: dict[str, Any], is_thing: tf.Tensor,
         tf.cast(same_class & earlier & counted[None, :], tf.int32), axis=1) + 1
     instance = tf.where(counted, instance, 0)
     segment_panoptic = tf.where(crowd, IGNORE_PANOPTIC, labels * label_divisor + instance)
-    png = tf.cast(example["panoptic_image"], tf.int32)
-    segment_map = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+    segment_map = rgb_to_id(example["panoptic_image"])
     panoptic = panoptic_from_ids(segment_map, tf.cast(ids, tf.int32), segment_panoptic)
     area = tf.reduce_sum(tf.cast(tf.equal(segment_map[None], tf.cast(ids, tf.int32)[:, None, None]),
                                  tf.int64), axis=[1, 2])
@@ -89,7 +88,7 @@ def tfds_example_to_decoded(example: dict[str, Any], is_thing: tf.Tensor,
 def load_tfds_panoptic(name: str = "coco/2017_panoptic", split: str = "train",
                        data_dir: str | None = None, shuffle_files: bool = False,
                        annotations_json: str | None = None,
-                       label_divisor: int = DEFAULT_LABEL_DIVISOR,
+                       label_divisor: int = LABEL_DIVISOR,
                        metadata: dict[str, Any] | None = None,
                        shuffle_seed: int | None = None
                        ) -> tuple[tf.data.Dataset, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""`tf.train.Example` encoding of converted images and `decode_example` (DESIGN.md §6).
+"""`tf.train.Example` encoding of converted images and `decode_example` (docs/design.md §6).
 
 The schema is documented in `max_deeplab.data.schema`.
 """
@@ -9,6 +9,7 @@ from typing import Any
 import tensorflow as tf
 
 from max_deeplab.data import schema
+from max_deeplab.panoptic_labels import IGNORE_PANOPTIC, rgb_to_id
 
 _FEATURES = {
     **{key: tf.io.FixedLenFeature([], tf.int64) for key in schema.SCALAR_INT_KEYS},
@@ -59,27 +60,26 @@ def panoptic_from_ids(segment_map: tf.Tensor, segment_ids: tf.Tensor,
     position = tf.searchsorted(sorted_ids, flat, side="left")
     position_clipped = tf.minimum(position, tf.maximum(num - 1, 0))
     padded_ids = tf.concat([sorted_ids, tf.constant([-1], sorted_ids.dtype)], 0)
-    padded_values = tf.concat([sorted_values, tf.constant([schema.IGNORE_PANOPTIC],
+    padded_values = tf.concat([sorted_values, tf.constant([IGNORE_PANOPTIC],
                                                           sorted_values.dtype)], 0)
     found = tf.equal(tf.gather(padded_ids, position_clipped), flat) & (position < num)
     values = tf.where(found, tf.gather(padded_values, position_clipped),
-                      tf.constant(schema.IGNORE_PANOPTIC, sorted_values.dtype))
+                      tf.constant(IGNORE_PANOPTIC, sorted_values.dtype))
     return tf.reshape(tf.cast(values, tf.int32), tf.shape(segment_map))
 
 
 def decode_png_segment_map(encoded: tf.Tensor) -> tf.Tensor:
-    """COCO panoptic PNG bytes -> int32 [H, W] segment ids (R + 256 G + 256² B < 2**24)."""
-    rgb = tf.cast(tf.io.decode_png(encoded, channels=3), tf.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    """COCO panoptic PNG bytes -> int32 [H, W] segment ids (`panoptic_labels.rgb_to_id`)."""
+    return rgb_to_id(tf.io.decode_png(encoded, channels=3))
 
 
 def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Parses one serialized Example of `max-deeplab convert` (DESIGN.md §6).
+    """Parses one serialized Example of `max-deeplab convert` (docs/design.md §6).
 
     Returns:
       ``image`` uint8 [H, W, 3]; ``panoptic`` int32 [H, W] = contiguous class *
       label_divisor + instance (instance ids unique per class, 0 for stuff), with
-      `schema.IGNORE_PANOPTIC` (-1) on void and crowd pixels; ``image_id`` int64;
+      `panoptic_labels.IGNORE_PANOPTIC` (-1) on void and crowd pixels; ``image_id`` int64;
       ``filename`` string; ``height``, ``width`` int32; and per segment (in annotation
       order, including crowd segments) ``segment_id`` (COCO id), ``segment_class``,
       ``segment_instance``, ``segment_is_crowd`` (bool), ``segment_area``,

@@ -3,18 +3,16 @@
 - `pq_compute` / `max-deeplab pq`: COCO panoptic files, COCO reference evaluator semantics,
   fast and without TensorFlow (`coco_panoptic`).
 - `PanopticQualityAccumulator`: streaming numpy evaluator over panoptic label maps
-  (class * label_divisor + instance) for evaluation during training (`accumulator`).
-- `InGraphPanopticQuality`: the same metric inside a compiled (XLA / TPU) step, wrapping
-  `official.vision.evaluation.panoptic_quality.PanopticQualityV2` (`tf_panoptic_quality`;
-  imports TensorFlow, so it is only loaded when asked for).
+  (class * label_divisor + instance) for evaluation during training (`accumulator`), on
+  every strategy: the evaluation step returns its label maps to the host (on TPU too).
 """
 from __future__ import annotations
 
 from max_deeplab.evaluation.coco_panoptic import PanopticEvalError, pq_compute
 from max_deeplab.evaluation.pq_core import PQStats, format_table
 
-__all__ = ["InGraphPanopticQuality", "PQStats", "PanopticEvalError",
-           "PanopticQualityAccumulator", "format_table", "pq_compute"]
+__all__ = ["PQStats", "PanopticEvalError", "PanopticQualityAccumulator", "format_table",
+           "pq_compute"]
 
 
 def __getattr__(name: str):
@@ -24,8 +22,4 @@ def __getattr__(name: str):
         from max_deeplab.evaluation.accumulator import PanopticQualityAccumulator
 
         return PanopticQualityAccumulator
-    if name == "InGraphPanopticQuality":
-        from max_deeplab.evaluation.tf_panoptic_quality import InGraphPanopticQuality
-
-        return InGraphPanopticQuality
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Streaming panoptic quality over panoptic label maps, for evaluation during training.
 
-Label maps follow DESIGN.md §5 / `max_deeplab.inference.postprocess`:
+Label maps follow docs/design.md §5 / `max_deeplab.inference.postprocess`:
 ``panoptic = label * label_divisor + instance``. A pixel is void when ``panoptic < 0`` or its
 label equals ``ignore_label``. Segments are read the way `PanopticQualityV2` (model garden)
 reads them, so both evaluators agree:
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from max_deeplab.evaluation.pq_core import PQStats
+from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_VOID
 
 
 class PanopticQualityAccumulator:
@@ -36,8 +37,9 @@ class PanopticQualityAccumulator:
         (e.g. the COCO category id of each label); default the label itself.
     """
 
-    def __init__(self, num_labels: int, is_thing: Sequence[bool], label_divisor: int = 256,
-                 ignore_label: int = 0, category_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, num_labels: int, is_thing: Sequence[bool],
+                 label_divisor: int = LABEL_DIVISOR, ignore_label: int = PREDICTION_VOID,
+                 category_ids: Sequence[int] | None = None) -> None:
         if len(is_thing) != num_labels:
             raise ValueError(f"is_thing has {len(is_thing)} entries, expected num_labels="
                              f"{num_labels}")

@@ -7,7 +7,7 @@ Inputs are the COCO panoptic format: a JSON with `annotations` (one per image: `
 see `pq_core` for the rules), but the per-image work is different:
 
 - each PNG pair becomes the pixel count of every (GT id, prediction id) pair that occurs
-  (`panoptic_png.pair_overlap_counts`: libdeflate and a small C loop over the PNG rows,
+  (`png_overlap.pair_overlap_counts`: libdeflate and a small C loop over the PNG rows,
   ~1 ms per COCO-sized pair, no image array);
 - those few dozen counts are mapped to segment indices through the JSON ids and checked
   against the JSON (`evaluate_image`), then matched (`pq_core.PQStats.add_image`);
@@ -27,10 +27,13 @@ import math
 import os
 from collections.abc import Sequence
 
+from max_deeplab.cpu_cores import default_num_workers
 from max_deeplab.data.metadata import categories_problem
 from max_deeplab.evaluation.errors import PanopticEvalError
-from max_deeplab.evaluation.panoptic_png import ID_BITS, pair_overlap_counts
+from max_deeplab.evaluation.panoptic_png import ID_BITS
+from max_deeplab.evaluation.png_overlap import pair_overlap_counts
 from max_deeplab.evaluation.pq_core import PQStats
+from max_deeplab.panoptic_labels import id_to_rgb
 
 __all__ = ["PanopticEvalError", "build_jobs", "compute_stats", "evaluate_image", "pq_compute"]
 
@@ -215,7 +218,7 @@ def build_jobs(gt_json: str, gt_dir: str, pred_json: str, pred_dir: str
 
 
 def _rgb(sid: int) -> str:
-    return f"RGB ({sid % 256}, {sid // 256 % 256}, {sid // 65536})"
+    return f"RGB {id_to_rgb(sid)}"
 
 
 def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
@@ -272,13 +275,6 @@ def evaluate_image(job: _ImageJob, stats: PQStats) -> None:
     gt_area = [n if math.isnan(a) else a for a, n in zip(job.gt_area, gt_pixels)]
     stats.add_image(inter, void_pred, job.gt_cat, job.gt_crowd, gt_area, job.pred_cat,
                     pred_area)
-
-
-def default_num_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _drain(fd: int) -> None:

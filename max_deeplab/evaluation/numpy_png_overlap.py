@@ -1,4 +1,4 @@
-"""The numpy path of `panoptic_png.pair_overlap_counts`: decoded images, vectorised runs.
+"""The numpy path of `png_overlap.pair_overlap_counts`: decoded images, vectorised runs.
 
 Taken for PNGs the C extension does not read (16-bit or interlaced) and where the extension
 was not compiled; it gives the same counts (tests compare the two):

@@ -1,16 +1,11 @@
-"""COCO panoptic PNGs: checked reading, and the pixel overlap of a ground-truth / prediction pair.
+"""COCO panoptic PNGs, read and checked for the `pq` verb, without decoding them into arrays.
 
-A panoptic PNG stores one segment id per pixel as R + 256 G + 256^2 B (0 = void). The `pq`
-verb needs, per image pair, only how many pixels each (GT id, prediction id) pair covers,
-which `pair_overlap_counts` returns as {(gt_id << 24) | pred_id: pixels}.
-
-For COCO's PNGs (8-bit RGB or RGBA, not interlaced) no image is ever decoded into an array:
-the compressed image data is inflated by libdeflate (the `deflate` package; ~30x faster than
-zlib on these highly compressible maps) and the C extension `_png_overlap` unfilters both
-images row by row and counts the runs of equal (GT, prediction) pairs, ~1 ms per COCO-sized
-pair in all. Nothing here imports numpy, so a `pq` process does not pay numpy's ~0.1 s
-start-up. Other PNG forms (16-bit, interlaced), or an installation whose C extension could
-not be compiled, take the numpy path (`numpy_png_overlap`), which gives the same counts.
+A panoptic PNG stores one segment id per pixel (`max_deeplab.panoptic_labels.rgb_to_id`;
+0 = void). `read_png` reads and checks a file's chunks; `inflated_scanlines` inflates its
+image data with libdeflate (the `deflate` package; ~30x faster than zlib on these highly
+compressible maps) into the still filtered rows that the C extension reads
+(`png_overlap`). Nothing here imports numpy, so a `pq` process does not pay numpy's ~0.1 s
+start-up.
 
 Errors are `PanopticEvalError`s naming the file: not a PNG, a CRC mismatch or truncation
 (checked on every chunk; Pillow, the reference evaluator's reader, checks the chunks before
@@ -27,15 +22,10 @@ import deflate
 
 from max_deeplab.evaluation.errors import PanopticEvalError
 from max_deeplab.file_system import read_regular_file
+from max_deeplab.panoptic_labels import PNG_ID_BITS
 
-try:
-    from max_deeplab.evaluation import _png_overlap
-except ImportError:  # the optional C extension was not compiled at install time
-    _png_overlap = None
-
-# Segment ids are 24-bit (three 8-bit channels); an overlap key is (gt_id << ID_BITS) |
-# pred_id, as the C extension builds it.
-ID_BITS = 24
+# An overlap key is (gt_id << ID_BITS) | pred_id, as the C extension builds it.
+ID_BITS = PNG_ID_BITS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types (IHDR byte 9) that carry R, G, B samples: truecolour (+ alpha). The
 # others have no RGB id.
@@ -133,7 +123,7 @@ def _image_data(data: bytes, path: str) -> bytes:
     return b"".join(parts)
 
 
-def _scanlines(png: PanopticPng) -> bytes:
+def inflated_scanlines(png: PanopticPng) -> bytes:
     """The inflated, still filtered rows of a non-interlaced 8-bit PNG, checked."""
     size = png.scanline_bytes
     try:
@@ -151,27 +141,3 @@ def _scanlines(png: PanopticPng) -> bytes:
         raise PanopticEvalError(f"cannot decode PNG {png.path}: row {row} has unknown filter "
                                 f"type {filters[row]}")
     return rows
-
-
-def fast_path_available() -> bool:
-    """Whether the C extension was compiled (else every pair takes the numpy path)."""
-    return _png_overlap is not None
-
-
-def _takes_fast_path(png: PanopticPng) -> bool:
-    return _png_overlap is not None and png.bit_depth == 8 and not png.interlaced
-
-
-def pair_overlap_counts(gt_path: str, pred_path: str, image_id: object) -> dict[int, int]:
-    """{(gt_id << 24) | pred_id: pixels} over the pixels of a GT / prediction PNG pair."""
-    gt, pred = read_png(gt_path), read_png(pred_path)
-    if (gt.width, gt.height) != (pred.width, pred.height):
-        raise PanopticEvalError(
-            f"image_id {image_id!r}: prediction PNG {pred.path} is {pred.width}x{pred.height} "
-            f"(WxH) but ground-truth PNG {gt.path} is {gt.width}x{gt.height}")
-    if _takes_fast_path(gt) and _takes_fast_path(pred):
-        return _png_overlap.overlap_counts(_scanlines(gt), _scanlines(pred), gt.width,
-                                           gt.height, gt.channels, pred.channels)
-    from max_deeplab.evaluation.numpy_png_overlap import overlap_counts
-
-    return overlap_counts(gt, pred)

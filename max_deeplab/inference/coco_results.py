@@ -14,12 +14,6 @@ from typing import Any
 import numpy as np
 
 
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids [H, W] -> uint8 RGB [H, W, 3] with id = R + 256 G + 256² B."""
-    ids = np.asarray(ids, np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
-
-
 def panoptic_to_coco(panoptic: np.ndarray, table: Mapping[str, Any],
                      segment_scores: Sequence[float] | None = None,
                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:

@@ -1,4 +1,4 @@
-"""SavedModel export: image in, panoptic prediction out (DESIGN.md §6 `export`).
+"""SavedModel export: image in, panoptic prediction out (docs/design.md §6 `export`).
 
 The SavedModel holds only standard TensorFlow ops and the model's variables, so plain
 ``tf.saved_model.load(dir)`` works in a process that cannot import this package. It has
@@ -19,10 +19,11 @@ confidence of each mask slot; a thing segment's instance id is its slot + 1) and
 
 Resolution policy (inside the signature): the image is resized, keeping its aspect ratio,
 so that it fits the export size (the model's configured ``build_model.input_size``, e.g.
-641x641), then padded at the bottom/right to exactly that size. This keeps the network at
+641x641; `max_deeplab.data.pipeline.fit_size`, as the evaluation data is), then padded at
+the bottom/right to exactly that size. This keeps the network at
 the size it was trained and configured for (axial attention has a span limit, so arbitrary
 sizes are not safe) and gives one compiled shape. Post-processing runs at the export size
-(the area limits of DESIGN.md §5 are scaled to it); the valid (unpadded) part of the label
+(the area limits of docs/design.md §5 are scaled to it); the valid (unpadded) part of the label
 maps is then resized back to the original H x W by nearest neighbour.
 """
 
@@ -39,8 +40,10 @@ import numpy as np
 import tensorflow as tf
 
 from max_deeplab.data.metadata import categories_problem
+from max_deeplab.data.pipeline import fit_size
 from max_deeplab.file_system import is_url, nearest_existing_path
 from max_deeplab.inference.postprocess import postprocess
+from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 
 SIGNATURE_SINGLE = "serving_default"
 SIGNATURE_BATCHED = "serving_batched"
@@ -83,17 +86,6 @@ def _gin_value(name: str, default: Any) -> Any:
         return default
 
 
-def _fit_size(height: tf.Tensor, width: tf.Tensor, target: Sequence[int]
-              ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Size of an aspect-preserving resize of (height, width) that fits inside target."""
-    h = tf.cast(height, tf.float32)
-    w = tf.cast(width, tf.float32)
-    scale = tf.minimum(target[0] / h, target[1] / w)
-    new_h = tf.clip_by_value(tf.cast(tf.round(h * scale), tf.int32), 1, target[0])
-    new_w = tf.clip_by_value(tf.cast(tf.round(w * scale), tf.int32), 1, target[1])
-    return new_h, new_w
-
-
 class _Untracked:
     """Attribute bag that TensorFlow's object tracking does not look into."""
 
@@ -118,7 +110,9 @@ class PanopticServingModule(tf.Module):
         # The label encoding is fixed here (gin value or default) so that the graph and the
         # embedded metadata agree even if gin changes later.
         pp_kwargs = dict(postprocess_kwargs or {})
-        for key, default in (("label_divisor", 256), ("label_offset", 1), ("void_label", 0)):
+        for key, default in (("label_divisor", LABEL_DIVISOR),
+                             ("label_offset", PREDICTION_LABEL_OFFSET),
+                             ("void_label", PREDICTION_VOID)):
             pp_kwargs.setdefault(key, _gin_value(key, default))
         # Plain-Python holder: tf.Module would otherwise track (and try to save) the keras
         # model, dicts and lists assigned as attributes.
@@ -148,7 +142,7 @@ class PanopticServingModule(tf.Module):
         target = self.input_size
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
-        new_h, new_w = _fit_size(height, width, target)
+        new_h, new_w = tf.unstack(fit_size(height, width, target))
         resized = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]),
                                   method="bilinear")
         padded = tf.pad(resized, [[0, 0], [0, target[0] - new_h], [0, target[1] - new_w],
@@ -247,7 +241,7 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
 
     Args:
       model: a built keras model mapping float images [B, H, W, 3] in [0, 255] to the
-        DESIGN.md §3 output dict (`max_deeplab.model.build_model()`).
+        docs/design.md §3 output dict (`max_deeplab.model.build_model()`).
       export_dir: output directory, new or empty; a local path or a file-system URL
         (gs://...). The SavedModel is written to a temporary directory first and renamed
         (copied, for a URL), so a failed export leaves no partial SavedModel.

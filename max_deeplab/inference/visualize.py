@@ -1,6 +1,7 @@
-"""Colour overlays of panoptic maps for people to look at (Pillow + NumPy).
+"""Colour drawings of panoptic maps for people to look at (Pillow + NumPy): `overlay` over
+the photo, with names and a legend, and `colorize`, the map alone.
 
-Made to be legible on photographs:
+`overlay` is made to be legible on photographs:
 - each class is drawn in its data-set colour, made vivid and then lightened, darkened or
   turned to the opposite hue until it differs from the photo pixels it covers by at least
   `MIN_CONTRAST` (COCO's dark greys and navy blues vanish on dark photo regions otherwise);
@@ -200,6 +201,16 @@ def _legend(entries: list[LegendEntry], width: int, font: ImageFont.ImageFont
                        outline=_TEXT)
         draw.text((x + swatch + 4, y + 2 - top), text, fill=_TEXT, font=font)
     return strip
+
+
+def colorize(panoptic: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] colours of panoptic maps in the prediction encoding, without a photo
+    or a category table (the evaluator's TensorBoard images): a fixed colour per panoptic
+    value (class and instance), hashed so that neighbouring values differ, black for void."""
+    value = np.asarray(panoptic, np.int64)
+    rgb = np.stack([np.mod(value * multiplier + offset, 255) for multiplier, offset in
+                    ((2654435761, 37), (40503, 91), (97, 173))], -1).astype(np.uint8)
+    return np.where((value > 0)[..., None], rgb, np.uint8(0))
 
 
 def overlay(image: np.ndarray, panoptic: np.ndarray, table: Mapping[str, Any],

@@ -9,7 +9,7 @@ axial attention is a height pass followed by a width pass.
 Each similarity term and each retrieved term is batch-normalised separately before they are
 summed, as in the reference implementation (weight shapes match its checkpoints).
 
-Speed (DESIGN.md §8): the relative terms are never computed from a gathered [L, L, d] table.
+Speed (docs/design.md §8): the relative terms are never computed from a gathered [L, L, d] table.
 q_o·r_{p-o} for all queries o and all 2L-1 offsets is one [L, d] x [d, 2L-1] matmul whose
 [L, 2L-1] result is "skewed" (a slice and two reshapes) into [L, L] — the relative-attention
 skew of Transformer-XL / Music Transformer; the key term is the same with the roles of query
@@ -207,6 +207,12 @@ class AxialAttention(tfk.layers.Layer):
         if retrieve_value_rpe:
             self._value_rpe = RelativePositionalEncoding(
                 value_per_head, "value_rpe", initialization_std_for_value_rpe)
+
+    @property
+    def linear_kernels(self) -> list[tf.Variable]:
+        """The kernel of the query/key/value projection (a 1x1 convolution's, as weight decay
+        sees it: `max_deeplab.model.partition.kernel_variables`)."""
+        return [self.qkv_kernel]
 
     def build(self, input_shape):
         channels = int(input_shape[-1])

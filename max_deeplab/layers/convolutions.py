@@ -1,9 +1,8 @@
 """Convolution + batch norm + activation wrappers used throughout MaX-DeepLab.
 
 Sub-layer attribute names (`_conv`, `_batch_norm`, `_depthwise`, `_pointwise`) and weight
-names follow the reference implementation's checkpoint layout (see
-`shared/reference/deeplab2/README.md`), so its published checkpoints map onto ours one
-to one.
+names follow the reference implementation's checkpoint layout (docs/reference_checkpoints.md),
+so its published checkpoints map onto ours one to one.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 A 2-D pixel path (handled by a residual P2P block placed before this layer) and a 1-D
 memory path of N slots talk through three attentions:
 - M2P + M2M: each memory query attends over the concatenation [pixel keys; memory keys]
-  with ONE softmax over H'W' + N positions (Eq. 6 applied to both spaces at once);
-- P2M: each pixel query attends over the memory keys (pixel feedback);
+  with ONE softmax over H'W' + N positions (paper Eq. 14);
+- P2M: each pixel query attends over the memory keys (pixel feedback; Eq. 13);
 - a memory feed-forward network.
 P2M and M2M can be switched off for the paper's ablations (Table 5); M2P always stays on.
 

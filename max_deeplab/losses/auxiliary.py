@@ -1,7 +1,7 @@
-"""MaX-DeepLab's auxiliary losses (paper §4 "Auxiliary losses", DESIGN.md §4).
+"""MaX-DeepLab's auxiliary losses (paper §4 "Auxiliary losses", docs/design.md §4).
 
 * instance discrimination — a per-pixel contrastive loss that clusters decoder features
-  into instances (paper Eq. 12);
+  into instances (paper Eqs. 16-17);
 * mask-ID cross-entropy — each labelled pixel classified into the N predicted masks, the
   target being the prediction matched to its ground-truth mask;
 * semantic segmentation cross-entropy on the auxiliary semantic head.
@@ -34,7 +34,7 @@ def instance_discrimination_loss(
     counted: tf.Tensor,
     temperature: float = 0.3,
 ) -> tf.Tensor:
-    """Pixel-wise instance discrimination (paper Eq. 12), averaged over the counted pixels.
+    """Pixel-wise instance discrimination (paper Eqs. 16-17), averaged over the counted pixels.
 
     ``t_i`` = L2-normalised mean of the decoder feature ``g`` over ground-truth mask ``m_i``,
     for every one of the image's K masks, things and stuff ("which mask embedding, out of

@@ -1,4 +1,4 @@
-"""The complete MaX-DeepLab training objective (paper §3.2 and §4, DESIGN.md §4).
+"""The complete MaX-DeepLab training objective (paper §3.2 and §4, docs/design.md §4).
 
 ``total = w_PQ · L_PQ / N + w_ID · L_instance + w_mask · L_maskID + w_sem · L_semantic``
 with the paper's weights 3.0, 1.0, 0.3, 1.0. Ground-truth masks are matched to predictions
@@ -32,10 +32,10 @@ from max_deeplab.losses.pq_style import (
 )
 from max_deeplab.losses.targets import build_segment_targets, resize_labels_nearest
 from max_deeplab.matching import BACKENDS
+from max_deeplab.model.outputs import check_outputs
 
 LOSS_NAMES = ("pq", "pq_positive", "pq_negative", "instance_discrimination", "mask_id", "semantic")
 
-_OUTPUT_KEYS = ("mask_logits", "class_logits", "pixel_feature", "semantic_logits")
 _TARGET_KEYS = ("segment_ids", "segment_classes", "segment_valid", "segment_is_thing", "semantic")
 
 
@@ -43,7 +43,7 @@ _TARGET_KEYS = ("segment_ids", "segment_classes", "segment_valid", "segment_is_t
 class MaXDeepLabLoss:
     """MaX-DeepLab loss: PQ-style loss plus the three auxiliary losses (paper §3.2, §4).
 
-    Call with the model outputs and the DESIGN.md §4 targets; returns a dict of scalar
+    Call with the model outputs and the docs/design.md §4 targets; returns a dict of scalar
     float32 losses, each already multiplied by its weight: ``pq`` (= ``pq_positive`` +
     ``pq_negative``), ``instance_discrimination``, ``mask_id``, ``semantic``, and ``total``
     (their sum). A term switched off is reported as 0 and not computed.
@@ -231,34 +231,17 @@ class MaXDeepLabLoss:
     def _check_inputs(
         self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor]
     ) -> None:
-        """Clear errors for missing keys and inconsistent static shapes."""
+        """Clear errors for missing keys and inconsistent static shapes: the outputs against
+        the model's output contract (`max_deeplab.model.outputs`), then the targets."""
         output_keys, target_keys = self._required_keys()
-        missing = [k for k in output_keys if k not in outputs]
-        if missing:
-            raise KeyError(
-                f"MaXDeepLabLoss: model outputs lack {missing}; expected keys {_OUTPUT_KEYS}"
-            )
+        num_slots = check_outputs(outputs, output_keys, "MaXDeepLabLoss").num_slots
         missing = [k for k in target_keys if k not in targets]
         if missing:
             raise KeyError(f"MaXDeepLabLoss: targets lack {missing}; expected keys {_TARGET_KEYS}")
-        mask_shape = tf.TensorShape(outputs["mask_logits"].shape)
-        class_shape = tf.TensorShape(outputs["class_logits"].shape)
         segments_shape = tf.TensorShape(targets["segment_classes"].shape)
-        if mask_shape.rank != 4:
-            raise ValueError(f"MaXDeepLabLoss: mask_logits must be [B, h, w, N], got {mask_shape}")
-        if class_shape.rank != 3:
-            raise ValueError(f"MaXDeepLabLoss: class_logits must be [B, N, C+1], got {class_shape}")
         if segments_shape.rank != 2:
             raise ValueError(
                 f"MaXDeepLabLoss: segment_classes must be [B, K_max], got {segments_shape}"
-            )
-        num_slots = mask_shape[-1]
-        if num_slots is None:
-            raise ValueError("MaXDeepLabLoss: the number of mask slots N must be static")
-        if class_shape[1] is not None and class_shape[1] != num_slots:
-            raise ValueError(
-                f"MaXDeepLabLoss: class_logits has {class_shape[1]} slots but mask_logits has "
-                f"{num_slots}"
             )
         k_max = segments_shape[1]
         if k_max is not None and k_max > num_slots:
@@ -268,16 +251,3 @@ class MaXDeepLabLoss:
                 f"bind build_dataset.k_max = {num_slots} (or raise "
                 "MaXDeepLabEncoder.num_mask_slots)"
             )
-        if self.use_semantic:
-            semantic_shape = tf.TensorShape(outputs["semantic_logits"].shape)
-            num_classes = semantic_shape[-1]
-            if (
-                num_classes is not None
-                and class_shape[-1] is not None
-                and class_shape[-1] != num_classes + 1
-            ):
-                raise ValueError(
-                    f"MaXDeepLabLoss: class_logits has {class_shape[-1]} classes but "
-                    f"semantic_logits has {num_classes}; expected C + 1 = {num_classes + 1} "
-                    "(the last class is void)"
-                )

@@ -1,15 +1,15 @@
-"""PQ-style similarity, mask matching and PQ-style loss (paper §3.2, DESIGN.md §4).
+"""PQ-style similarity, mask matching and PQ-style loss (paper §3.2, docs/design.md §4).
 
 For ground-truth masks ``m_i`` with classes ``c_i`` (i ≤ K) and predictions ``(m̂_j, p̂_j)``
 (j ≤ N):
 
 * similarity ``sim(y_i, ŷ_j) = p̂_j(c_i) · Dice(m_i, m̂_j)`` — the product of a recognition
-  term and a segmentation term, mirroring PQ = RQ × SQ (paper Eq. 3);
-* σ = the one-to-one assignment maximising ``Σ_i sim(y_i, ŷ_σ(i))`` (Hungarian, Eq. 4);
+  term and a segmentation term, mirroring PQ = RQ × SQ (paper Eqs. 5-6);
+* σ = the one-to-one assignment maximising ``Σ_i sim(y_i, ŷ_σ(i))`` (Hungarian, Eq. 7);
 * ``L_pos = Σ_i p̂_σ(i)(c_i) · (−Dice(m_i, m̂_σ(i))) + Dice(m_i, m̂_σ(i)) · (−log p̂_σ(i)(c_i))``
-  with both weights treated as constants (Eq. 7: product rule, p̂ → log p̂);
-* ``L_neg = Σ_{j unmatched} −log p̂_j(∅)`` (Eq. 8);
-* ``L_PQ = α · L_pos + (1 − α) · L_neg`` (Eq. 9), normalised by N (paper §4).
+  with both weights treated as constants (Eq. 10: the product rule on Eq. 9, p̂ → log p̂);
+* ``L_neg = Σ_{j unmatched} −log p̂_j(∅)`` (Eq. 11);
+* ``L_PQ = α · L_pos + (1 − α) · L_neg`` (Eq. 12), normalised by N (paper §4).
 
 The "RQ + SQ" ablation (paper Table 5) uses ``sim = p̂_j(c_i) + Dice(m_i, m̂_j)`` and the
 positive loss ``−Dice − log p̂`` without the dynamic weights.
@@ -70,7 +70,7 @@ def class_log_prob_of_segments(class_log_probs: tf.Tensor, classes: tf.Tensor) -
 
 
 def pq_similarity(dice: tf.Tensor, class_prob: tf.Tensor, similarity: str = "pq") -> tf.Tensor:
-    """Mask similarity used for matching (paper Eq. 3; "RQ + SQ" ablation of Table 5).
+    """Mask similarity used for matching (paper Eq. 6; "RQ + SQ" ablation of Table 5).
 
     Args:
       dice: float [B, K, N] ``Dice(m_i, m̂_j)``.
@@ -87,7 +87,7 @@ def pq_similarity(dice: tf.Tensor, class_prob: tf.Tensor, similarity: str = "pq"
 
 
 def match_segments(similarity: tf.Tensor, present: tf.Tensor, backend: str = "auto") -> tf.Tensor:
-    """σ: the prediction assigned to each present segment, maximising total similarity (Eq. 4).
+    """σ: the prediction assigned to each present segment, maximising total similarity (Eq. 7).
 
     The matching is a discrete choice, so no gradient flows through it.
 
@@ -111,7 +111,7 @@ def pq_style_loss(
     alpha: float = 0.75,
     similarity: str = "pq",
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-image PQ-style loss, split into its positive and negative parts (Eqs. 7-9).
+    """Per-image PQ-style loss, split into its positive and negative parts (Eqs. 10-12).
 
     Args:
       dice: float [B, K, N] ``Dice(m_i, m̂_j)``.
@@ -133,7 +133,7 @@ def pq_style_loss(
     assigned = tf.one_hot(tf.cast(matching, tf.int32), num_slots, dtype=dice.dtype)  # [B,K,N]
     if similarity == "pq":
         class_prob = tf.exp(class_log_prob)
-        # Eq. 7: Dice weighted by the (constant) class correctness, cross-entropy weighted
+        # Eq. 10: Dice weighted by the (constant) class correctness, cross-entropy weighted
         # by the (constant) mask correctness.
         per_pair = tf.stop_gradient(class_prob) * (-dice) + tf.stop_gradient(dice) * (
             -class_log_prob

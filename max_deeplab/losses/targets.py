@@ -1,4 +1,4 @@
-"""Ground truth at the output stride for the MaX-DeepLab losses (paper §3.2, DESIGN.md §4).
+"""Ground truth at the output stride for the MaX-DeepLab losses (paper §3.2, docs/design.md §4).
 
 The data pipeline delivers full-resolution label maps (``segment_ids``, ``semantic``) with a
 fixed-size segment list per image; the model predicts at stride 4. The losses therefore
@@ -75,7 +75,7 @@ def build_segment_targets(
     height: int,
     width: int,
 ) -> SegmentTargets:
-    """One-hot ground-truth masks at the output stride from the DESIGN.md §4 targets contract.
+    """One-hot ground-truth masks at the output stride from the docs/design.md §4 targets contract.
 
     Args:
       segment_ids: int [B, H, W], index into the segment list, -1 for void/crowd/padding.

@@ -1,4 +1,4 @@
-"""Hungarian matching of ground-truth masks to predicted masks (paper §3.2, DESIGN.md §4).
+"""Hungarian matching of ground-truth masks to predicted masks (paper §3.2, docs/design.md §4).
 
 MaX-DeepLab's PQ-style loss needs the one-to-one assignment σ maximising the total similarity
 between the K ground-truth masks and the N predictions; with cost = −similarity this is a

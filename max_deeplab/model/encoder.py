@@ -24,8 +24,10 @@ import tf_keras as tfk
 from max_deeplab.layers.block_group import BlockGroup
 from max_deeplab.layers.convolutions import BatchNormFactory, Conv1DBN, ConvBN, get_activation
 from max_deeplab.layers.resized_fuse import ResizedFuse
+from max_deeplab.model.partition import variables_of
 
-# Layers whose names end with this are not part of the ImageNet-pretrained backbone.
+# Layers named with this are not part of the ImageNet-pretrained backbone (the reference's
+# checkpoint names; `variable_parts` says which layers are which).
 EXTRA = "extra"
 
 # Where the auxiliary semantic head reads: the paper's placement or the reference's.
@@ -248,6 +250,41 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
         if self._semantic_feature == "paper":
             return self._backbone_decoder_num_stacks + self._extra_decoder_num_stacks > 0
         return self._extra_decoder_num_stacks > 0
+
+    def variable_parts(self) -> dict[str, list[tf.Variable]]:
+        """The encoder's variables by part of the network (`max_deeplab.model.partition`):
+        ``backbone`` (the layers `classification_mode` builds, without their dual-path
+        transformer blocks), ``memory_path`` (the memory, every dual-path transformer block,
+        the class / mask feature FFNs) and ``decoder`` (the `*_extra` pixel-path layers).
+        Every variable is in exactly one."""
+        backbone = [self._stem] + [getattr(self, f"_stage{index + 1}")
+                                   for index in range(self._first_stage, 5)]
+        extra = [getattr(self, "_stage5_extra", None)]
+        for stage, fuse_name, _, backbone_group, _, extra_group in self._decoder_plan:
+            fuse = getattr(self, "_" + fuse_name)
+            if backbone_group:
+                backbone += [fuse, getattr(self, f"_decoder_stage{stage}")]
+            else:
+                extra.append(fuse)
+            if extra_group:
+                extra.append(getattr(self, f"_decoder_stage{stage}_{EXTRA}"))
+        transformers = variables_of(block for group in backbone + extra
+                                    if isinstance(group, BlockGroup)
+                                    for block in group.transformer_blocks)
+        memory = variables_of([getattr(self, "memory_feature", None), *transformers,
+                               getattr(self, "_class_feature_extra", None),
+                               getattr(self, "_mask_feature_extra", None)])
+        in_memory = {v.ref() for v in transformers}
+        return {
+            "backbone": [v for v in variables_of(backbone) if v.ref() not in in_memory],
+            "memory_path": memory,
+            "decoder": [v for v in variables_of(extra) if v.ref() not in in_memory],
+        }
+
+    @property
+    def backbone_variables(self) -> list[tf.Variable]:
+        """The ImageNet-pretrainable backbone's variables (`variable_parts`)."""
+        return self.variable_parts()["backbone"]
 
     def build(self, input_shape):
         if self._use_memory:

@@ -1,10 +1,8 @@
 """The MaX-DeepLab model: encoder + mask transformer output heads (paper §3.1, §3.3).
 
-Outputs (stride-4 maps are not upsampled, see DESIGN.md §3):
-- `mask_logits [B, H/4, W/4, N]`: BN(f · g) — softmax over N gives the masks m̂ (Eq. 9);
-- `class_logits [B, N, C+1]`: last index is the void class ∅;
-- `pixel_feature [B, H/4, W/4, D]`: the L2-normalised decoder feature g;
-- `semantic_logits [B, H/4, W/4, C]`: the auxiliary semantic head.
+Outputs: the dict of `max_deeplab.model.outputs` (stride-4 maps are not upsampled):
+`mask_logits` = BN(f · g), whose softmax over the N slots gives the masks m̂ (Eq. 15),
+`class_logits` (last class void ∅), `pixel_feature` g (L2-normalised), `semantic_logits`.
 
 Mixed precision (tf_keras' mixed_bfloat16 policy, `max-deeplab train --mixed_precision
 bfloat16`): weights stay float32 and the encoder and heads compute in bfloat16, but every
@@ -24,8 +22,13 @@ import tf_keras as tfk
 from max_deeplab.layers.convolutions import Conv1DBN
 from max_deeplab.model.encoder import MaXDeepLabEncoder
 from max_deeplab.model.heads import ConvHead, SemanticDecoder
-
-OUTPUT_KEYS = ("mask_logits", "class_logits", "pixel_feature", "semantic_logits")
+from max_deeplab.model.outputs import (
+    CLASS_LOGITS,
+    MASK_LOGITS,
+    PIXEL_FEATURE,
+    SEMANTIC_LOGITS,
+)
+from max_deeplab.model.partition import PARTS, variables_of
 
 
 @gin.configurable
@@ -51,7 +54,7 @@ class MaXDeepLab(tfk.Model):
       pixel_head_channels / semantic_head_channels: widths of the 5x5 head convs.
       void_prior_prob: initial void probability of every slot (a constant logit offset,
         as in the reference implementation): 0.9.
-      use_semantic_head: build the auxiliary semantic head (training-only, Eq. §3.4).
+      use_semantic_head: build the auxiliary semantic head (training-only, §3.4).
       encoder: the encoder (gin-configured `MaXDeepLabEncoder` by default).
     """
 
@@ -111,11 +114,26 @@ class MaXDeepLab(tfk.Model):
     @property
     def semantic_branch_variables(self) -> list[tf.Variable]:
         """Weights used only by the training-time auxiliary semantic loss."""
-        layers = [self.semantic_decoder, self.semantic_head]
-        return [v for layer in layers if layer is not None for v in layer.variables]
+        return variables_of([self.semantic_decoder, self.semantic_head])
+
+    def variable_parts(self) -> dict[str, list[tf.Variable]]:
+        """Every variable by part of the network (`max_deeplab.model.partition.PARTS`): the
+        encoder's parts, the heads and the semantic branch; each variable in exactly one."""
+        parts = self.encoder.variable_parts()
+        parts["heads"] = variables_of([
+            self.pixel_space_head, self.transformer_mask_head, self.transformer_class_head,
+            self.pixel_space_feature_batch_norm, self.pixel_space_mask_batch_norm])
+        parts["semantic_branch"] = self.semantic_branch_variables
+        return {part: parts[part] for part in PARTS}
+
+    @property
+    def backbone_variables(self) -> list[tf.Variable]:
+        """The ImageNet-pretrainable backbone's variables (learning-rate multiplier,
+        backbone-only initial checkpoints; `max_deeplab.model.partition`)."""
+        return self.encoder.backbone_variables
 
     def call(self, images: tf.Tensor, training: bool | None = None) -> dict[str, tf.Tensor]:
-        """float images [B, H, W, 3] in [0, 255] -> the output dict of DESIGN.md §3."""
+        """float images [B, H, W, 3] in [0, 255] -> the output dict (`outputs.OUTPUT_KEYS`)."""
         x = tf.cast(images, tf.float32) / 127.5 - 1.0
         endpoints = self.encoder(x, training=training)
         outputs = {}
@@ -125,27 +143,27 @@ class MaXDeepLab(tfk.Model):
                     != endpoints["feature_panoptic"].shape[1:3]):
                 semantic_feature = self.semantic_decoder(semantic_feature, endpoints,
                                                          training=training)
-            outputs["semantic_logits"] = tf.cast(
+            outputs[SEMANTIC_LOGITS] = tf.cast(
                 self.semantic_head(semantic_feature, training=training), tf.float32)
 
-        # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 9).
+        # g: per-pixel mask embedding, batch-normalised then L2-normalised (paper Eq. 15).
         pixel_feature = self.pixel_space_head(endpoints["feature_panoptic"], training=training)
         pixel_feature = self.pixel_space_feature_batch_norm(pixel_feature, training=training)
         pixel_feature = tf.math.l2_normalize(tf.cast(pixel_feature, tf.float32), axis=-1)
-        outputs["pixel_feature"] = pixel_feature
+        outputs[PIXEL_FEATURE] = pixel_feature
 
         class_logits = tf.cast(self.transformer_class_head(
             endpoints["transformer_class_feature"], training=training), tf.float32)
         void_offset = tf.one_hot(self.num_classes, self.num_classes + 1,
                                  on_value=self._void_logit_offset, dtype=tf.float32)
-        outputs["class_logits"] = class_logits + void_offset
+        outputs[CLASS_LOGITS] = class_logits + void_offset
 
         # f: per-slot mask embedding; m̂ logits = BN(f · g), one BN shared by all slots.
         mask_kernel = tf.cast(self.transformer_mask_head(endpoints["transformer_mask_feature"],
                                                          training=training), tf.float32)
         mask_logits = tf.einsum("bhwd,bnd->bhwn", pixel_feature, mask_kernel)
         mask_logits = self.pixel_space_mask_batch_norm(mask_logits[..., None], training=training)
-        outputs["mask_logits"] = mask_logits[..., 0]
+        outputs[MASK_LOGITS] = mask_logits[..., 0]
         return outputs
 
 

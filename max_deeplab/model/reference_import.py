@@ -1,7 +1,7 @@
 """Import of the reference implementation's (deeplab2) MaX-DeepLab checkpoints.
 
 The paper's authors published COCO-trained MaX-DeepLab checkpoints (S at 641 and 1025, L at
-1025) in their TF2 implementation's object-based checkpoint format (DESIGN.md §3,
+1025) in their TF2 implementation's object-based checkpoint format (docs/design.md §3,
 `docs/reference_checkpoints.md`). Our model is laid out block for block like theirs, and
 `MaXDeepLab.checkpoint_items` names its top-level parts as theirs, so
 `checkpoint_keys(model.checkpoint_items)` reproduces their checkpoint keys

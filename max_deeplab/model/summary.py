@@ -1,45 +1,22 @@
 """Parameter counts per part and FLOPs of a built model (the `summary` verb)."""
 from __future__ import annotations
 
-import collections
-import re
-
 import numpy as np
 import tensorflow as tf
 
-from max_deeplab.model.checkpoints import checkpoint_keys
-
-PARTS = ("backbone", "memory_path", "decoder", "heads", "semantic_branch")
-PART_DESCRIPTIONS = {
-    "backbone": "pixel path of the pretrainable backbone (stem, stages, backbone decoder)",
-    "memory_path": "dual-path transformers, memory slots, class/mask feature FFNs",
-    "decoder": "extra pixel-path blocks and the stacked decoder (not pretrained)",
-    "heads": "pixel-space, mask and class heads",
-    "semantic_branch": "auxiliary semantic decoder + head (training only)",
-}
-
-
-def part_of(key: str) -> str:
-    """Which part of the network a checkpoint key belongs to."""
-    if key.startswith(("semantic_decoder/", "semantic_head_without_last_layer/",
-                       "semantic_last_layer/")):
-        return "semantic_branch"
-    if not key.startswith("encoder/"):
-        return "heads"
-    if re.search(r"_transformer/|memory_feature|_class_feature_extra|_mask_feature_extra", key):
-        return "memory_path"
-    if re.search(r"_extra(/|_resized_fuse)", key):
-        return "decoder"
-    return "backbone"
+from max_deeplab.model.partition import PARTS
 
 
 def parameter_counts(model) -> dict[str, dict[str, int]]:
-    """{part: {"trainable": n, "non_trainable": n}} plus totals, by checkpoint key."""
-    counts = collections.defaultdict(lambda: {"trainable": 0, "non_trainable": 0})
-    for key, var in checkpoint_keys(model.checkpoint_items).items():
-        kind = "trainable" if var.trainable else "non_trainable"
-        counts[part_of(key)][kind] += int(np.prod(var.shape))
-    return {part: dict(counts[part]) for part in PARTS}
+    """{part: {"trainable": n, "non_trainable": n}} for each part of the network
+    (`model.variable_parts()`, `max_deeplab.model.partition.PARTS`)."""
+    counts = {}
+    for part, variables in model.variable_parts().items():
+        counts[part] = {"trainable": 0, "non_trainable": 0}
+        for var in variables:
+            kind = "trainable" if var.trainable else "non_trainable"
+            counts[part][kind] += int(np.prod(var.shape))
+    return {part: counts[part] for part in PARTS}
 
 
 def inference_params(counts: dict[str, dict[str, int]]) -> int:

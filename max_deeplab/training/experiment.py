@@ -1,4 +1,5 @@
-"""Runs a MaX-DeepLab experiment: strategy, checkpoints, orbit Controller, modes (DESIGN.md §7).
+"""Runs a MaX-DeepLab experiment: strategy, checkpoints, orbit Controller, modes
+(docs/design.md §7).
 
 Modes: `train`, `eval` (the latest checkpoint once), `train_and_eval` (evaluation every
 `eval_interval` steps and at the end), `continuous_eval` (every new checkpoint in the model
@@ -30,11 +31,10 @@ import tf_keras as tfk
 from absl import logging
 
 from max_deeplab.atomic_files import write_json_atomic
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
+from max_deeplab.training.modes import MODES, STRATEGIES
 from max_deeplab.training.save_on_interrupt import SaveOnInterrupt
 from max_deeplab.training.trainer import Evaluator, Trainer
-
-MODES = ("train", "eval", "train_and_eval", "continuous_eval")
-STRATEGIES = ("mirrored", "multi_worker", "one_device", "tpu")
 
 
 def create_strategy(strategy: str, tpu: str | None = None,
@@ -177,11 +177,11 @@ def _images_fit_model(dataset_fn: Callable, model: tfk.Model, split: str) -> Cal
 def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
                    model_fn: Callable[[], tfk.Model],
                    loss_fn: Callable,
-                   optimizer_fn: Callable[[int], tfk.optimizers.Optimizer],
+                   optimizer_fn: Callable[[int, tfk.Model], tfk.optimizers.Optimizer],
                    train_dataset_fn: Callable | None = None,
                    eval_dataset_fn: Callable | None = None,
                    is_thing: list[bool] | None = None,
-                   postprocess_fn: Callable | None = None, label_divisor: int = 256,
+                   postprocess_fn: Callable | None = None, label_divisor: int = LABEL_DIVISOR,
                    options: dict | None = None, print_fn: Callable[[str], None] = print
                    ) -> dict | None:
     """Builds everything under `strategy.scope()` and runs `mode`; returns eval metrics.
@@ -192,7 +192,9 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
 
     `train_dataset_fn(input_context, global_batch_size)` / `eval_dataset_fn(...)` return a
     `tf.data.Dataset` of per-replica batches; `loss_fn(outputs, targets, global_batch_size=)`
-    is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced).
+    is the loss (`MaXDeepLabLoss`, whose matcher picks its backend where it is traced);
+    `optimizer_fn(total_steps, model)` the optimiser (`build_optimizer`), made after the
+    model under the strategy's scope.
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -217,7 +219,7 @@ def run_experiment(*, mode: str, model_dir: str, strategy: tf.distribute.Strateg
             tfk.utils.set_random_seed(int(opts["seed"]))
         with strategy.scope():
             model = model_fn()
-            optimizer = optimizer_fn(total_steps)
+            optimizer = optimizer_fn(total_steps, model)
             global_step = orbit.utils.create_global_step()
             checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                              global_step=global_step)
@@ -395,7 +397,7 @@ class _NonChiefCheckpointManager(_RunCheckpointManager):
 
 
 def _write_metrics(model_dir: str, step: int, result: dict) -> None:
-    """`DIR/eval/metrics.json`: the PQ result (DESIGN.md §6 `evaluate`) with its step."""
+    """`DIR/eval/metrics.json`: the PQ result (docs/design.md §6 `evaluate`) with its step."""
     write_json_atomic(os.path.join(model_dir, "eval", "metrics.json"), {**result, "step": step},
                       indent=1, default=float)
 

@@ -7,18 +7,16 @@ MaX-DeepLab-L, the backbone's own stacked decoder) on ImageNet, then adds the me
 and mask feature FFNs) and the output heads. `load_backbone_checkpoint` copies exactly the
 backbone variables from a checkpoint and leaves everything else as it is.
 
-Backbone variables are recognised by their checkpoint key below the encoder: the classifier
-of `max-deeplab pretrain` and the panoptic model both hold the encoder under the attribute
-`encoder`, and the encoder names its layers so that pretrainable ones never contain
-"extra" nor `_block<k>_transformer` (see `max_deeplab.model.encoder.EXTRA`). Source
-checkpoints may be a pretraining checkpoint, a panoptic checkpoint written by `train`
-(keys `model/encoder/...`), or one keyed like the reference implementation
-(`encoder/...`); only their backbone variables are used.
+The encoder says which of its variables are the backbone (`variable_parts`, see
+`max_deeplab.model.partition`); they are found in the checkpoint by their key below the
+encoder: the classifier of `max-deeplab pretrain` and the panoptic model both hold the
+encoder under the attribute `encoder`. Source checkpoints may be a pretraining checkpoint,
+a panoptic checkpoint written by `train` (keys `model/encoder/...`), or one keyed like the
+reference implementation (`encoder/...`); only their backbone variables are used.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import tensorflow as tf
 from absl import logging
@@ -36,25 +34,16 @@ from max_deeplab.model.checkpoints import (
 # ours (`tf.train.Checkpoint(model=...)` of `train` / `pretrain`) and the reference's.
 ENCODER_PREFIXES = ("model/encoder/", "encoder/")
 
-_NOT_BACKBONE = re.compile(r"(^|/)_block\d+_transformer(/|$)")
-
-
-def is_backbone_key(encoder_relative_key: str) -> bool:
-    """Whether a checkpoint key relative to the encoder (`_stage2/_block1/...`) belongs to
-    the ImageNet-pretrainable backbone (paper appendix A.6)."""
-    head = encoder_relative_key.split("/", 1)[0]
-    if head.startswith("memory_feature") or "extra" in head:
-        return False
-    return _NOT_BACKBONE.search(encoder_relative_key) is None
-
-
 def backbone_variables(model: tf.Module) -> dict[str, tf.Variable]:
-    """The model's backbone variables, keyed relative to its `encoder` attribute."""
+    """The model's backbone variables (its encoder's `backbone_variables`; an encoder that
+    defines none is all backbone), keyed by their checkpoint key relative to its `encoder`
+    attribute."""
     encoder = getattr(model, "encoder", None)
     if encoder is None:
         raise TypeError(f"{type(model).__name__} has no `encoder` attribute; "
                         "expected a MaX-DeepLab model or pretraining classifier")
-    return {key: var for key, var in checkpoint_keys(encoder).items() if is_backbone_key(key)}
+    backbone = {v.ref() for v in getattr(encoder, "backbone_variables", encoder.variables)}
+    return {key: var for key, var in checkpoint_keys(encoder).items() if var.ref() in backbone}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +85,10 @@ def load_backbone_checkpoint(model: tf.Module, path: str,
     match = match_keys(wanted, available, encoder_prefix)
     encoder_keys = {k[len(encoder_prefix):]: tuple(s) for k, s in available.items()
                     if k.startswith(encoder_prefix) and is_weight_key(k)}
-    checkpoint_backbone = {k: s for k, s in encoder_keys.items() if is_backbone_key(k)}
+    # The checkpoint's encoder variables that may be backbone: all but those the model
+    # itself has outside its backbone.
+    not_backbone = set(checkpoint_keys(model.encoder)) - set(wanted)
+    checkpoint_backbone = {k: s for k, s in encoder_keys.items() if k not in not_backbone}
     if len(match.missing) == len(wanted):
         raise ValueError(
             f"checkpoint {prefix} matches no backbone variable of the model (wrong "

@@ -1,4 +1,4 @@
-"""RAdam and Lookahead, the optimiser of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+"""RAdam and Lookahead, the optimiser of MaX-DeepLab (paper §4 "Training", docs/design.md §7).
 
 The paper trains with "RAdam + Lookahead", a poly learning rate with linear warmup, a
 backbone learning-rate multiplier of 0.1 and a weight decay of 1e-4. Neither optimiser exists
@@ -33,40 +33,31 @@ calls `Lookahead.reset_slow_weights` after the load — otherwise the first sync
 
 Weight decay (1e-4, paper §4): the reference implementation (deeplab2) applies it as an L2
 term `wd/2 · ||w||²` added to the loss, on convolution / dense kernels only (no batch-norm
-γ/β, biases, relative position embeddings or the learnable memory). `weight_decay_mode="l2"`
-(default) reproduces that exactly by adding `wd · w` to the gradient before the moment
+γ/β, biases, relative position embeddings or the learnable memory). RAdam decays the
+variables it is given (`weight_decay_variables`; `build_optimizer` gives the model's kernels,
+`max_deeplab.model.partition.kernel_variables`). `weight_decay_mode="l2"` (default)
+reproduces the reference exactly by adding `wd · w` to the gradient before the moment
 updates, which keeps the model free of regularisers. `"decoupled"` is AdamW-style
 (Loshchilov & Hutter): `θ ← θ − lr · mult · wd · θ` beside the adaptive step.
 
 Backbone learning-rate multiplier (0.1, paper §4 and appendix A.6): RAdam takes
-`lr_multipliers`, a list of `(regex, multiplier)` pairs matched (first match wins, with
-`re.search`) against each variable's name; `BACKBONE_VARIABLE_REGEX` matches the pretrained
-backbone (stem and stages, but not their dual-path transformer blocks, the `*_extra` layers
-or the memory, which the paper trains from scratch).
+`lr_multipliers`, a list of `(variables, multiplier)` pairs (the first pair holding a
+variable gives its multiplier); `build_optimizer` multiplies the model's pretrained backbone
+(`backbone_variables`: stem and stages, but not their dual-path transformer blocks, the
+`*_extra` layers or the memory, which the paper trains from scratch; see
+`max_deeplab.model.partition`).
 """
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import gin
 import tensorflow as tf
 import tf_keras as tfk
 
+from max_deeplab.model.partition import kernel_variables
 from max_deeplab.training.schedules import build_learning_rate_schedule
-
-# Variables of the ImageNet-pretrained backbone, by their tf_keras names, e.g.
-# `encoder/stage4/block2/attention/height_axis/qkv_kernel:0`: the stem, the stages and the
-# backbone's own stacked decoder (MaX-DeepLab-L's pretrained hourglass, `decoder_stage<k>`
-# and `decoder_stage<k>_resized_fuse`) — the variables `load_backbone_checkpoint` loads.
-# Blocks named `block<k>_transformer` (dual-path blocks), `stage5_extra`,
-# `decoder_stage*_extra`, `memory_feature` and the heads are not matched.
-BACKBONE_VARIABLE_REGEX = (r"(^|/)encoder/(stem|stage[1-5]|decoder_stage\d+(_resized_fuse)?)/"
-                           r"(?!block\d+_transformer/)")
-
-# Convolution / dense kernels (`kernel:0`, and the axial attention's `qkv_kernel:0`).
-KERNEL_VARIABLE_REGEX = r"kernel(:\d+)?$"
 
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
@@ -88,9 +79,11 @@ class RAdam(tfk.optimizers.Optimizer):
       weight_decay: decay coefficient (paper: 1e-4); 0 disables.
       weight_decay_mode: "l2" (gradient += wd · w, as the reference's L2 loss) or
         "decoupled" (w -= lr · wd · w).
-      weight_decay_regex: variables whose name matches get weight decay.
-      lr_multipliers: `(regex, multiplier)` pairs; a variable's learning rate (and
-        decoupled decay) is scaled by the first matching multiplier, 1 if none.
+      weight_decay_variables: the variables that get weight decay (e.g. a model's kernels,
+        `max_deeplab.model.partition.kernel_variables`); None: every variable.
+      lr_multipliers: `(variables, multiplier)` pairs; a variable's learning rate (and
+        decoupled decay) is scaled by the multiplier of the first pair holding it, 1 if
+        none.
       rectify: False turns the rectification off (r_t = 1, always adaptive): plain Adam
         with bias correction. RAdam's rectifier damps the first ~1/(1 - beta_2) steps, which
         suits the paper's 100k-step runs but stalls runs of a few thousand steps.
@@ -106,8 +99,9 @@ class RAdam(tfk.optimizers.Optimizer):
                  = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
                  rectification_threshold: float = 5.0, weight_decay: float = 0.0,
                  weight_decay_mode: str = "l2",
-                 weight_decay_regex: str = KERNEL_VARIABLE_REGEX,
-                 lr_multipliers: Sequence[tuple[str, float]] = (), rectify: bool = True,
+                 weight_decay_variables: Iterable[tf.Variable] | None = None,
+                 lr_multipliers: Sequence[tuple[Iterable[tf.Variable], float]] = (),
+                 rectify: bool = True,
                  serialize_updates: bool = True, name: str = "RAdam"):
         if not 0.0 <= beta_1 < 1.0 or not 0.0 < beta_2 < 1.0:
             raise ValueError(f"RAdam needs 0 <= beta_1 < 1 and 0 < beta_2 < 1, got "
@@ -131,21 +125,24 @@ class RAdam(tfk.optimizers.Optimizer):
         self._last_update: tf.Operation | None = None
         self.decay = float(weight_decay)
         self.weight_decay_mode = weight_decay_mode
-        self.weight_decay_regex = weight_decay_regex
-        self.lr_multipliers = [(str(p), float(m)) for p, m in lr_multipliers]
-        self._compiled_multipliers = [(re.compile(p), m) for p, m in self.lr_multipliers]
-        self._compiled_decay = re.compile(weight_decay_regex)
+        # Sets of `Variable.ref()`s (variables themselves do not hash); set past the
+        # trackable attribute machinery, which would track (and checkpoint) them.
+        object.__setattr__(self, "_decayed", None if weight_decay_variables is None else
+                           frozenset(v.ref() for v in weight_decay_variables))
+        object.__setattr__(self, "_multiplier_groups", [
+            (frozenset(v.ref() for v in variables), float(multiplier))
+            for variables, multiplier in lr_multipliers])
 
     def multiplier_of(self, variable: tf.Variable) -> float:
-        """The learning-rate multiplier of `variable` (first matching regex, else 1)."""
-        for pattern, multiplier in self._compiled_multipliers:
-            if pattern.search(variable.name):
+        """The learning-rate multiplier of `variable` (first pair holding it, else 1)."""
+        for group, multiplier in self._multiplier_groups:
+            if variable.ref() in group:
                 return multiplier
         return 1.0
 
     def decays(self, variable: tf.Variable) -> bool:
         """Whether `variable` receives weight decay."""
-        return self.decay > 0 and self._compiled_decay.search(variable.name) is not None
+        return self.decay > 0 and (self._decayed is None or variable.ref() in self._decayed)
 
     def build(self, var_list: Sequence[tf.Variable]) -> None:
         """Creates the first/second moment slots `m`, `v` of every variable."""
@@ -253,14 +250,15 @@ class RAdam(tfk.optimizers.Optimizer):
         return tf.cond(use_adaptive, lambda: adaptive_step(lr * r_t), momentum_step)
 
     def get_config(self) -> dict:
+        """The hyper-parameters; not `weight_decay_variables` and `lr_multipliers`, which are
+        variables of one model (a deserialised optimiser decays every variable and has no
+        multipliers until they are given again)."""
         config = super().get_config()
         config.update({
             "learning_rate": self._serialize_hyperparameter(self._learning_rate),
             "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon,
             "rectification_threshold": self.rectification_threshold, "rectify": self.rectify,
             "weight_decay": self.decay, "weight_decay_mode": self.weight_decay_mode,
-            "weight_decay_regex": self.weight_decay_regex,
-            "lr_multipliers": self.lr_multipliers,
             "serialize_updates": self.serialize_updates,
         })
         for key in ("clipnorm", "global_clipnorm", "clipvalue", "use_ema", "ema_momentum",
@@ -397,24 +395,30 @@ class Lookahead(tfk.optimizers.Optimizer):
 
 
 # Registered under a distinct gin name: the model garden also registers a `build_optimizer`.
-@gin.configurable("max_deeplab_optimizer")
-def build_optimizer(total_steps: int, base_learning_rate: float = 1e-3,
+@gin.configurable("max_deeplab_optimizer", denylist=["model"])
+def build_optimizer(total_steps: int, model: tf.Module, base_learning_rate: float = 1e-3,
                     backbone_learning_rate_multiplier: float = 0.1,
-                    backbone_variable_regex: str = BACKBONE_VARIABLE_REGEX,
                     weight_decay: float = 1e-4, weight_decay_mode: str = "l2",
                     use_lookahead: bool = True, lookahead_sync_period: int = 6,
                     lookahead_slow_step_size: float = 0.5) -> tfk.optimizers.Optimizer:
-    """The paper's optimiser (§4): RAdam + Lookahead on a warmup + poly schedule.
+    """The paper's optimiser (§4): RAdam + Lookahead on a warmup + poly schedule, for
+    `model`.
 
     Defaults: learning rate 1e-3 (set 3e-4 for MaX-DeepLab-L), backbone multiplier 0.1,
-    weight decay 1e-4. The schedule (`build_learning_rate_schedule`) decays to 0 at
-    `total_steps`. Create it inside `strategy.scope()`.
+    weight decay 1e-4. Weight decay applies to the model's convolution and dense kernels
+    (`max_deeplab.model.partition.kernel_variables`), the multiplier to its
+    `backbone_variables` (a model without them: none). The schedule
+    (`build_learning_rate_schedule`) decays to 0 at `total_steps`. Create it inside
+    `strategy.scope()`.
     """
     schedule = build_learning_rate_schedule(base_learning_rate, total_steps)
-    multipliers = ([(backbone_variable_regex, backbone_learning_rate_multiplier)]
-                   if backbone_learning_rate_multiplier != 1.0 else [])
+    backbone = list(getattr(model, "backbone_variables", ()))
+    multipliers = ([(backbone, backbone_learning_rate_multiplier)]
+                   if backbone_learning_rate_multiplier != 1.0 and backbone else [])
     optimizer = RAdam(learning_rate=schedule, weight_decay=weight_decay,
-                      weight_decay_mode=weight_decay_mode, lr_multipliers=multipliers)
+                      weight_decay_mode=weight_decay_mode,
+                      weight_decay_variables=kernel_variables(model),
+                      lr_multipliers=multipliers)
     if use_lookahead:
         optimizer = Lookahead(optimizer, sync_period=lookahead_sync_period,
                               slow_step_size=lookahead_slow_step_size)

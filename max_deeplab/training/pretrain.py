@@ -1,4 +1,4 @@
-"""ImageNet pretraining of the MaX-DeepLab backbone (paper appendix A.6, DESIGN.md §7).
+"""ImageNet pretraining of the MaX-DeepLab backbone (paper appendix A.6, docs/design.md §7).
 
 "The pretraining model uses only P2P attention (a convolutional residual block or an
 axial-attention block), without the other three types of attention, the feed-forward
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 
 import gin
@@ -40,11 +39,11 @@ from max_deeplab.atomic_files import write_json_atomic
 from max_deeplab.data.imagenet import imagenet_dataset
 from max_deeplab.model.encoder import MaXDeepLabEncoder
 from max_deeplab.model.max_deeplab import batch_norm_layer
+from max_deeplab.model.partition import in_order_of, kernel_variables
+from max_deeplab.training.modes import PRETRAIN_MODES
 from max_deeplab.training.trainer import Trainer
 
-MODES = ("train", "eval", "train_and_eval")
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
-KERNEL_REGEX = re.compile(r"kernel(:\d+)?$")
 
 
 class BackboneClassifier(tfk.Model):
@@ -112,7 +111,7 @@ class ClassificationLoss:
                  global_batch_size: int) -> dict[str, tf.Tensor]:
         cross_entropy = tf.reduce_sum(self.per_example(outputs["logits"], inputs["label"]))
         cross_entropy = cross_entropy / float(global_batch_size)
-        kernels = [v for v in self.model.trainable_variables if KERNEL_REGEX.search(v.name)]
+        kernels = in_order_of(kernel_variables(self.model), self.model.trainable_variables)
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         decay = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels]) / replicas
         return {"total": cross_entropy + decay, "cross_entropy": cross_entropy,
@@ -264,8 +263,8 @@ def run_pretraining(*, mode: str, model_dir: str, strategy: tf.distribute.Strate
     summaries go to `model_dir/train`, eval summaries to `model_dir/eval` and the last
     eval result to `model_dir/eval/metrics.json`.
     """
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    if mode not in PRETRAIN_MODES:
+        raise ValueError(f"--mode must be one of {PRETRAIN_MODES}, got {mode!r}")
     opts = dict(pretrain_options())
     opts.update(options or {})
     total_steps = total_train_steps(opts)

@@ -1,4 +1,4 @@
-"""The learning-rate schedule of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+"""The learning-rate schedule of MaX-DeepLab (paper §4 "Training", docs/design.md §7).
 
 'poly' decay, lr(t) = base · (1 − t / T)^0.9, reaching 0 at the last step T, preceded by a
 linear warmup over the first 5000 steps (the reference implementation's MaX-DeepLab configs:

@@ -1,4 +1,4 @@
-"""orbit trainer and evaluator of MaX-DeepLab (paper §4 "Training", DESIGN.md §7).
+"""orbit trainer and evaluator of MaX-DeepLab (paper §4 "Training", docs/design.md §7).
 
 One code path for every `tf.distribute` strategy: the per-replica step runs under
 `strategy.run`; the loss (`MaXDeepLabLoss(..., global_batch_size=...)`) already divides each
@@ -33,6 +33,7 @@ import tf_keras as tfk
 from absl import logging
 
 from max_deeplab.layers.step_random import combine_seed, step_seed_scope
+from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_VOID, data_to_prediction_encoding
 
 LossFn = Callable[..., Mapping[str, tf.Tensor]]
 
@@ -81,12 +82,12 @@ class Trainer(orbit.StandardTrainer):
 
     Args:
       strategy: the distribution strategy every object below was created under.
-      model: maps `image [B, H, W, 3]` float 0..255 to the output dict (DESIGN.md §3).
+      model: maps `image [B, H, W, 3]` float 0..255 to the output dict (docs/design.md §3).
       loss_fn: `loss_fn(outputs, targets, global_batch_size=...)` -> dict of scalar losses
         including `total` (`MaXDeepLabLoss`).
       optimizer: a tf_keras optimizer (`build_optimizer()`); built here on the model's
         trainable variables so that checkpoints can restore its slots before step 1.
-      train_dataset: a `tf.distribute.DistributedDataset` of DESIGN.md §4 batches.
+      train_dataset: a `tf.distribute.DistributedDataset` of docs/design.md §4 batches.
       global_step: int64 variable, incremented once per step.
       global_batch_size: the batch size summed over replicas.
       total_steps: the run's last step (for the ETA in progress lines).
@@ -211,35 +212,6 @@ class Trainer(orbit.StandardTrainer):
         return logs
 
 
-def targets_to_panoptic(segment_ids: tf.Tensor, segment_classes: tf.Tensor,
-                        segment_valid: tf.Tensor, segment_is_thing: tf.Tensor,
-                        label_divisor: int = 256, label_offset: int = 1) -> tf.Tensor:
-    """Ground-truth panoptic maps from the DESIGN.md §4 targets, in `postprocess`'s encoding.
-
-    label = contiguous class + label_offset (0 = void/crowd/padding); instance = segment
-    index + 1 for things, 0 for stuff. Returns int32 [B, H, W].
-    """
-    ids = tf.cast(segment_ids, tf.int32)
-    labelled = ids >= 0
-    safe = tf.maximum(ids, 0)
-    classes = tf.gather(segment_classes, safe, batch_dims=1)
-    valid = tf.gather(segment_valid, safe, batch_dims=1) & labelled
-    thing = tf.gather(segment_is_thing, safe, batch_dims=1)
-    label = tf.cast(classes, tf.int32) + label_offset
-    instance = tf.where(thing, safe + 1, 0)
-    return tf.where(valid, label * label_divisor + instance, 0)
-
-
-def colorize_panoptic(panoptic: tf.Tensor, label_divisor: int = 256) -> tf.Tensor:
-    """uint8 [B, H, W, 3] colours for TensorBoard: a fixed colour per (class, instance),
-    black for void."""
-    value = tf.cast(panoptic, tf.int64)
-    channels = [tf.math.floormod(value * mult + offset, 255) for mult, offset in
-                ((2654435761, 37), (40503, 91), (97, 173))]
-    rgb = tf.cast(tf.stack(channels, axis=-1), tf.uint8)
-    return tf.where((panoptic > 0)[..., None], rgb, tf.zeros_like(rgb))
-
-
 class Evaluator(orbit.StandardEvaluator):
     """Losses and PQ/SQ/RQ of the model on an evaluation dataset (paper §4 "Experiments").
 
@@ -248,11 +220,13 @@ class Evaluator(orbit.StandardEvaluator):
 
     Args:
       strategy, model, loss_fn, global_batch_size: as for `Trainer`.
-      eval_dataset: distributed dataset of DESIGN.md §4 batches (finite).
+      eval_dataset: distributed dataset of evaluation batches (finite): the targets of
+        docs/design.md §4 and the ground-truth ``panoptic`` map at the model's resolution
+        (the data encoding of `max_deeplab.panoptic_labels`), as `build_dataset` makes them.
       is_thing: per contiguous class, whether it is a thing class.
       postprocess_fn: `postprocess_fn(outputs, image_size=(H, W))` -> dict with `panoptic`
-        (label*label_divisor + instance, label = class + 1, 0 = void).
-      label_divisor: of the panoptic encoding.
+        in the prediction encoding of `max_deeplab.panoptic_labels`.
+      label_divisor: of the panoptic encodings (the data set's).
       image_summary_dir: where sample predictions are written as TensorBoard images.
       num_summary_images: how many images of the first batch are written.
       jit_compile: as for `Trainer`.
@@ -262,7 +236,7 @@ class Evaluator(orbit.StandardEvaluator):
     def __init__(self, strategy: tf.distribute.Strategy, model: tfk.Model, loss_fn: LossFn,
                  eval_dataset, global_batch_size: int, is_thing: Sequence[bool],
                  postprocess_fn: Callable[..., Mapping[str, tf.Tensor]],
-                 global_step: tf.Variable, label_divisor: int = 256,
+                 global_step: tf.Variable, label_divisor: int = LABEL_DIVISOR,
                  image_summary_dir: str | None = None, num_summary_images: int = 3,
                  jit_compile: bool = False, print_fn: Callable[[str], None] = print):
         from max_deeplab.evaluation import PanopticQualityAccumulator
@@ -277,7 +251,7 @@ class Evaluator(orbit.StandardEvaluator):
         self.postprocess_fn = postprocess_fn
         self._accumulator_factory = lambda: PanopticQualityAccumulator(
             len(self.is_thing) + 1, [False] + self.is_thing, label_divisor=self.label_divisor,
-            ignore_label=0)
+            ignore_label=PREDICTION_VOID)
         self.accumulator = self._accumulator_factory()
         self._image_writer = (tf.summary.create_file_writer(image_summary_dir)
                               if image_summary_dir else None)
@@ -295,11 +269,9 @@ class Evaluator(orbit.StandardEvaluator):
         outputs = self.model(inputs["image"], training=False)
         losses = dict(self.loss_fn(outputs, inputs, global_batch_size=self.global_batch_size))
         # Predictions at the ground truth's resolution (the labels may be kept unresized).
-        image_size = inputs["segment_ids"].shape[1:3]
+        image_size = inputs["panoptic"].shape[1:3]
         prediction = self.postprocess_fn(outputs, image_size=image_size)
-        gt = targets_to_panoptic(inputs["segment_ids"], inputs["segment_classes"],
-                                 inputs["segment_valid"], inputs["segment_is_thing"],
-                                 label_divisor=self.label_divisor)
+        gt = data_to_prediction_encoding(inputs["panoptic"], self.label_divisor)
         return {"losses": losses, "prediction": prediction["panoptic"], "groundtruth": gt,
                 "image": tf.cast(inputs["image"], tf.uint8)}
 
@@ -338,14 +310,14 @@ class Evaluator(orbit.StandardEvaluator):
         for name, value in state["loss_sums"].items():
             logs[f"losses/{name}"] = value / batches
         if self._image_writer is not None and state["images"] is not None:
+            from max_deeplab.inference.visualize import colorize
+
             image, prediction, groundtruth = state["images"]
             with self._image_writer.as_default(step=int(self.global_step.numpy())):
                 tf.summary.image("image", image, max_outputs=self._num_summary_images)
-                tf.summary.image("prediction", colorize_panoptic(prediction,
-                                                                 self.label_divisor),
+                tf.summary.image("prediction", colorize(prediction.numpy()),
                                  max_outputs=self._num_summary_images)
-                tf.summary.image("groundtruth", colorize_panoptic(groundtruth,
-                                                                  self.label_divisor),
+                tf.summary.image("groundtruth", colorize(groundtruth.numpy()),
                                  max_outputs=self._num_summary_images)
             self._image_writer.flush()
         from max_deeplab.evaluation.pq_core import format_table

@@ -1,4 +1,11 @@
-"""`--gin_file` / `--gin_bindings` for every verb that builds a model."""
+"""The gin configuration: where the bundled configs are, and applying config files and
+bindings the one way every entry point does (`max_deeplab.configs.load` for Python users,
+`--gin_file` / `--gin_bindings` for the verbs).
+
+Applying a config registers every configurable first (`max_deeplab.configurables`), so a
+file may name any of them whichever module the caller imported, and lets `include "x.gin"`
+find the bundled configs/x.gin. Errors name the file or binding at fault.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,24 +14,17 @@ import logging
 import os
 import tokenize
 import types
+from collections.abc import Callable, Sequence
 from typing import Any, Union, get_args, get_origin
 
-from absl import flags
-
 from max_deeplab.file_system import file_exists, is_url
-
-flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); repeatable. Relative paths are "
-                          "also looked up in the bundled configs/ directory.",
-                          allow_override=True)
-flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. "
-                          "'MaXDeepLab.num_mask_slots = 64'; repeatable.", allow_override=True)
 
 
 def _find_configs_dir() -> str:
     """The configs/ directory: inside the installed package (setup.py maps the repo's
     top-level configs/ to max_deeplab/configs in a wheel), else the source tree's configs/
     (a checkout or an editable install, where the configs stay at the repo root)."""
-    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_dir = os.path.dirname(os.path.abspath(__file__))
     installed = os.path.join(package_dir, "configs")
     if os.path.isdir(installed):
         return installed
@@ -156,9 +156,9 @@ def _check_bound_value_types() -> None:
                                  f"expected {expected}")
 
 
-def parse_gin_flags(gin_files: list[str] | None = None,
-                    gin_bindings: list[str] | None = None) -> None:
-    """Clears gin state and applies the given (or flag) gin files and bindings.
+def parse_config(gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()) -> list[str]:
+    """Clears gin state and applies the gin files, then the bindings, in order; returns the
+    files as resolved (`resolve_gin_file`).
 
     Raises FileNotFoundError for a gin file that does not exist and GinConfigError naming
     the file or binding (and gin's message) for one that does not parse or binds a value of
@@ -169,11 +169,9 @@ def parse_gin_flags(gin_files: list[str] | None = None,
     # Register every configurable before parsing so bindings can name them.
     import max_deeplab.configurables  # noqa: F401
 
-    files = flags.FLAGS.gin_file if gin_files is None else gin_files
-    bindings = flags.FLAGS.gin_bindings if gin_bindings is None else gin_bindings
     gin.clear_config()
     _add_configs_search_path()
-    resolved_files = [resolve_gin_file(f) for f in files]
+    resolved_files = [resolve_gin_file(f) for f in gin_files]
     # One file or binding at a time (what gin.parse_config_files_and_bindings does, in the
     # same order) so an error can name the one at fault.
     for path in resolved_files:
@@ -181,10 +179,59 @@ def parse_gin_flags(gin_files: list[str] | None = None,
             gin.parse_config_file(path)
         except _GIN_PARSE_ERRORS as e:
             raise GinConfigError(f"invalid gin file {path}: {_describe_parse_error(e)}") from e
-    for binding in bindings:
+    for binding in gin_bindings:
         try:
             gin.parse_config(binding)
         except _GIN_PARSE_ERRORS as e:
             raise GinConfigError(
                 f"invalid --gin_bindings value {binding!r}: {_describe_parse_error(e)}") from e
     _check_bound_value_types()
+    return resolved_files
+
+
+def load(name_or_path: str | Sequence[str], bindings: Sequence[str] = ()) -> list[str]:
+    """Applies a gin config the way the verbs' --gin_file / --gin_bindings do.
+
+    `name_or_path`: a config file (or a list of them, applied in order): a path, or a name
+    in the bundled configs/ directory with or without its ``.gin`` (``"reference_tiny"``,
+    ``"ablations/no_p2m.gin"``). Every configurable is registered first and ``include``s
+    resolve against configs/ too, so the paper configs and those that include them load
+    without importing anything else. `bindings`: gin statements applied after the files,
+    e.g. ``["MaXDeepLab.num_classes = 8"]``. Replaces any config applied before.
+
+    Returns the config files as resolved. Raises FileNotFoundError for a missing file and
+    GinConfigError (a ValueError) naming the file or binding that does not parse or binds a
+    wrongly typed value.
+
+    Example::
+
+        import max_deeplab.configs
+        from max_deeplab.model import build_model
+
+        max_deeplab.configs.load("tiny", bindings=["MaXDeepLab.num_classes = 8"])
+        model = build_model()
+    """
+    names = [name_or_path] if isinstance(name_or_path, str) else list(name_or_path)
+    return parse_config([_with_gin_suffix(name) for name in names], bindings)
+
+
+def _with_gin_suffix(name: str) -> str:
+    """`name`, or `name` + ".gin" when only that names a file (a bundled config's short name)."""
+    if name.endswith(".gin"):
+        return name
+    try:
+        resolve_gin_file(name)
+        return name
+    except FileNotFoundError:
+        return name + ".gin"
+
+
+def configured_value(configurable_name: str, configurable: Callable, parameter: str) -> Any:
+    """The value gin passes `configurable` (registered as `configurable_name`) for
+    `parameter`: its binding in the parsed config, else the parameter's default."""
+    import gin
+
+    try:
+        return gin.query_parameter(f"{configurable_name}.{parameter}")
+    except ValueError:  # not bound
+        return inspect.signature(configurable).parameters[parameter].default

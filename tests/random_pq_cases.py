@@ -4,7 +4,8 @@ Ground truth: stuff regions tiling the image, things (ellipses, boxes) painted o
 of them crowd, and a void band. Prediction: a perturbed copy (shifted, segments dropped,
 split, relabelled, false-positive blobs, void holes, same-class blobs on crowd regions), so
 a case exercises TP, FP, FN, crowd and void rules with IoUs spread around 0.5.
-Pure numpy + Pillow; not used by the evaluators themselves.
+Pure numpy + Pillow: test and benchmark data (tests/, benchmarks/bench_pq.py), not part of
+the package.
 """
 from __future__ import annotations
 
@@ -163,11 +164,12 @@ def _unique_ids(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def write_png_ids(path: str, id_map: np.ndarray) -> None:
-    """Writes an id map as an RGB PNG with id = R + 256 G + 256^2 B."""
+    """Writes an id map as a COCO panoptic PNG (`max_deeplab.panoptic_labels.id_to_rgb`)."""
     from PIL import Image
 
-    rgb = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], -1).astype(np.uint8)
-    Image.fromarray(rgb).save(path)
+    from max_deeplab.panoptic_labels import id_to_rgb
+
+    Image.fromarray(id_to_rgb(id_map)).save(path)
 
 
 def segments_to_coco(rng: np.random.Generator, seg: Segments, image_id: int, file_name: str,
