@@ -114,11 +114,23 @@ class MaXDeepLab(tfk.Model):
         layers = [self.semantic_decoder, self.semantic_head]
         return [v for layer in layers if layer is not None for v in layer.variables]
 
-    def call(self, images: tf.Tensor, training: bool | None = None) -> dict[str, tf.Tensor]:
-        """float images [B, H, W, 3] in [0, 255] -> the output dict of DESIGN.md §3."""
+    def call(self, images: tf.Tensor, training: bool | None = None,
+             return_m2p_attention: bool = False) -> dict[str, tf.Tensor]:
+        """float images [B, H, W, 3] in [0, 255] -> the output dict of DESIGN.md §3.
+
+        `return_m2p_attention=True` adds `m2p_attention`: float32 [B, heads, N, h, w], the
+        memory-to-pixel attention of the last dual-path transformer block (paper appendix
+        A.5; its share of each slot's softmax over the h·w pixels and, with M2M, the N
+        slots), for analysis; the default call (and the SavedModel) leave it out.
+        """
         x = tf.cast(images, tf.float32) / 127.5 - 1.0
-        endpoints = self.encoder(x, training=training)
+        if return_m2p_attention:
+            endpoints = self.encoder(x, training=training, return_m2p_attention=True)
+        else:
+            endpoints = self.encoder(x, training=training)
         outputs = {}
+        if "m2p_attention" in endpoints:
+            outputs["m2p_attention"] = endpoints["m2p_attention"]
         if self.semantic_head is not None:
             semantic_feature = endpoints["feature_semantic"]
             if (self.semantic_decoder is not None and semantic_feature.shape[1:3]
