@@ -153,6 +153,15 @@ class PanopticServingModule(tf.Module):
         self.serving_image_bytes = tf.function(self._image_bytes, input_signature=encoded)
         self.serving_tf_example = tf.function(self._tf_example, input_signature=encoded)
 
+    def settings(self) -> dict[str, Any]:
+        """What the signatures are built from: ``model``, ``table``, ``is_thing``,
+        ``postprocess_kwargs`` (the label encoding and overrides; other post-processing
+        settings come from gin where `postprocess` is traced) and ``pad_value``."""
+        config = self._config
+        return {"model": config.model, "table": dict(config.table),
+                "is_thing": config.is_thing, "postprocess_kwargs": dict(config.pp_kwargs),
+                "pad_value": config.pad_value}
+
     def _metadata(self) -> dict[str, tf.Tensor]:
         return {
             "category_ids": tf.constant(self._config.table["category_ids"], tf.int32),
@@ -317,7 +326,9 @@ def _copy_to_url(local_dir: str, export_dir: str) -> None:
 def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any], *,
                        input_size: Sequence[int] = (641, 641),
                        postprocess_kwargs: Mapping[str, Any] | None = None,
-                       pad_value: float = 127.5) -> str:
+                       pad_value: float = 127.5, tflite: Sequence[str] = (),
+                       representative_images: Sequence[np.ndarray] | None = None,
+                       progress: Any = None) -> str:
     """Writes a SavedModel of ``model`` + resize/pad + `postprocess` to ``export_dir``.
 
     Args:
@@ -334,6 +345,11 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
         unset ones take their gin-configured values at export time, except the label
         divisor, which comes from `metadata` when it has one (as in `train`).
       pad_value: value of padded pixels (127.5: zero after the model's normalisation).
+      tflite: TFLite quantisations to write beside the SavedModel, in
+        ``export_dir/tflite/panoptic_<quantization>.tflite`` (`max_deeplab.inference.tflite`:
+        "float32", "float16", "int8"); converted before anything is written.
+      representative_images: uint8 [H, W, 3] calibration images for "int8".
+      progress: called with a line before each TFLite conversion (they take a while).
 
     Returns:
       export_dir.
@@ -369,6 +385,11 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
                 "label_divisor", "label_offset", "void_label")},
                 "input_size": list(module.input_size)}, f, indent=2)
         module.metadata_asset = tf.saved_model.Asset(asset_src)
+        if tflite:
+            from max_deeplab.inference.tflite import TFLITE_DIR, write_models
+
+            write_models(module, os.path.join(tmp, "tflite_staging", TFLITE_DIR), tflite,
+                         representative_images, progress)
         staging = os.path.join(tmp, "saved_model")
         tf.saved_model.save(module, staging, signatures={
             SIGNATURE_SINGLE: module.serving_default.get_concrete_function(),
@@ -377,6 +398,9 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
             SIGNATURE_IMAGE_BYTES: module.serving_image_bytes.get_concrete_function(),
             SIGNATURE_TF_EXAMPLE: module.serving_tf_example.get_concrete_function(),
         })
+        if tflite:
+            os.replace(os.path.join(tmp, "tflite_staging", TFLITE_DIR),
+                       os.path.join(staging, TFLITE_DIR))
         if not local:
             _copy_to_url(staging, export_dir)
             return export_dir

@@ -93,6 +93,9 @@ from max_deeplab.xla_compilation import in_xla_compilation
 
 RESIZE_METHODS = ("align_corners", "half_pixel")
 RULES = ("kept_slots", "paper")
+# How segment areas are counted: `DenseBincount` (fast on CPU, XLA) or an unsorted segment
+# sum (the only one of the two TFLite has: see `max_deeplab.inference.tflite`).
+COUNT_METHODS = ("bincount", "segment_sum")
 
 # Log-score given to discarded slots in the paper's argmax: finite (unlike -inf) so that an
 # image with every slot discarded gives no NaN, and far below any real logit + log p̂.
@@ -575,8 +578,8 @@ def _cell_codes(mask_logits: tf.Tensor, kept: tf.Tensor, index: tf.Tensor, valid
 
 def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.Tensor,
                         is_thing: tf.Tensor, thing_limit: int, stuff_limit: int,
-                        label_divisor: int, label_offset: int, void_label: int
-                        ) -> dict[str, tf.Tensor]:
+                        label_divisor: int, label_offset: int, void_label: int,
+                        count_method: str = "bincount") -> dict[str, tf.Tensor]:
     """Label maps from per-pixel codes: per-image tables over the codes, one gather each.
 
     Areas: a thing segment is the confident pixels of one ẑ (code e = 1 + ẑ), a stuff
@@ -587,7 +590,11 @@ def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.T
     num_classes = int(is_thing.shape[0])
     num_codes = 2 * num_slots + 1
     total = batch * num_slots * num_codes
-    counts = _count(tf.reshape(codes, [-1]), total)
+    flat_codes = tf.reshape(codes, [-1])
+    if count_method == "bincount":
+        counts = _count(flat_codes, total)
+    else:
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_codes), flat_codes, total)
     area = tf.reduce_sum(tf.reshape(counts, [batch, num_slots, num_codes]), 1)[
         :, 1:1 + num_slots]  # [B, N] confident pixels per ẑ
     slot_thing = tf.gather(is_thing, slot_class)  # [B, N]
@@ -750,6 +757,7 @@ def postprocess(
     resize_method: str = "align_corners",
     dynamic_shapes: bool | None = None,
     rule: str = "kept_slots",
+    count_method: str = "bincount",
 ) -> dict[str, tf.Tensor]:
     """Panoptic, semantic and instance maps from the model's output dict (paper §3.1).
 
@@ -786,6 +794,8 @@ def postprocess(
       rule: "kept_slots" (default, the reference's) or "paper" (§3.1 literally): which
         slots compete in the pixel argmax and which confidence is thresholded; see the
         module docstring.
+      count_method: "bincount" (default) or "segment_sum": how segment areas are counted
+        (same result; TFLite lacks `DenseBincount`, the faster one on CPU).
 
     Returns:
       dict of
@@ -817,6 +827,9 @@ def postprocess(
 
     if rule not in RULES:
         raise ValueError(f"postprocess: rule must be one of {RULES}, got {rule!r}")
+    if count_method not in COUNT_METHODS:
+        raise ValueError(f"postprocess: count_method must be one of {COUNT_METHODS}, got "
+                         f"{count_method!r}")
     # Per slot: class and its confidence among the non-void classes of the (C+1)-softmax.
     all_probs = tf.nn.softmax(class_logits, axis=-1)
     class_probs = all_probs[..., :num_classes]
@@ -878,7 +891,7 @@ def postprocess(
         codes, slot_class, slot_conf, is_thing,
         scaled_area_limit(thing_area_limit, h_w, area_limit_reference_size),
         scaled_area_limit(stuff_area_limit, h_w, area_limit_reference_size),
-        label_divisor, label_offset, void_label)
+        label_divisor, label_offset, void_label, count_method)
     dominant_kept = codes % (2 * num_slots + 1) > 0
     result["pixel_confidence"] = tf.where(dominant_kept, confidence, 0.0)
     result["segment_scores"] = tf.where(kept, slot_conf, 0.0)
