@@ -89,6 +89,8 @@ def test_attention_intensity_and_colours():
     assert intensity[1, 2, 3] == pytest.approx(1.0)
     assert intensity[0, 0, 0] == pytest.approx(np.log(4) / np.log(20))
     assert intensity[0, 1, 1] == 0.0 and intensity[1, 0, 0] == 0.0
+    # A flat head (at most 4x uniform) is measured against 10x: it stays faint.
+    assert attention_intensity(maps[:1]).max() == pytest.approx(np.log(4) / np.log(10))
     image = np.full((40, 50, 3), 200, np.uint8)
     colored = colorize_attention(image, maps, colors=[(255, 0, 0), (0, 0, 255)])
     # Near slot 1's position the blue dominates; far from both, the darkened grey image.

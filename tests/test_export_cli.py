@@ -293,8 +293,13 @@ def test_export_tflite_of_the_tiny_model_equals_the_saved_model(tmp_path):
     from max_deeplab.model import build_model
 
     parse_gin_flags(["tiny.gin"], [])
+    model = build_model()
+    # Untrained, every slot predicts the same class; random class weights make them differ.
+    rng = np.random.default_rng(0)
+    for variable in model.transformer_class_head.trainable_variables:
+        variable.assign(rng.normal(0, 1, variable.shape).astype(np.float32))
     run_dir = tmp_path / "run"
-    tf.train.Checkpoint(model=build_model()).save(str(run_dir / "ckpt"))
+    tf.train.Checkpoint(model=model).save(str(run_dir / "ckpt"))
     (run_dir / "config.gin").write_text(gin.config_str())
     categories = [{"id": 100 + i, "name": f"c{i}", "isthing": int(i < 4)} for i in range(8)]
     (run_dir / "run.json").write_text(json.dumps(

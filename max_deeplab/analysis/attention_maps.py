@@ -8,11 +8,12 @@ per mask, over a grey copy of the image — the paper's figure: masks attend to 
 object or stuff region.
 
 Intensity is the attention relative to a uniform spread over the image's pixels, on a log
-scale, up to the head's largest ratio among the chosen masks: log(max(a·hw, 1)) /
-log(max a·hw). Some heads spread a mask's attention over a region (a few times uniform),
-others put nearly all of it on one position (hundreds of times uniform): a linear scale per
-map would show the former as a flat wash and the latter as a dot; this one shows both, and
-keeps the masks of one head comparable.
+scale, up to the head's largest ratio among the chosen masks (at least `FULL_SCALE_RATIO`, so
+a flat head stays faint): log(max(a·hw, 1)) / log(max(max a·hw, 10)). Some heads spread a
+mask's attention over a region (a few times uniform), others put nearly all of it on one
+position (hundreds of times uniform): a linear scale per map would show the former as a
+flat wash and the latter as a dot; this one shows both, and keeps the masks of one head
+comparable.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from max_deeplab.analysis.predictions import ImagePrediction
 MASK_COLORS = ((230, 25, 25), (30, 200, 40), (40, 110, 255), (255, 215, 0),
                (230, 0, 230), (0, 215, 215))
 DEFAULT_NUM_MASKS = 4
+# Attention this many times uniform, or the head's largest if larger, is full colour.
+FULL_SCALE_RATIO = 10.0
 
 
 def largest_segment_slots(prediction: ImagePrediction, is_thing: Sequence[bool],
@@ -54,13 +57,11 @@ def largest_segment_slots(prediction: ImagePrediction, is_thing: Sequence[bool],
 
 def attention_intensity(maps: np.ndarray) -> np.ndarray:
     """[K, h, w] attention of one head -> [K, h, w] in [0, 1]: log of the ratio to uniform
-    (1 / (h·w)), clipped below at 1, over the log of the largest ratio (module docstring)."""
+    (1 / (h·w)), clipped below at 1, over the log of the largest ratio or of
+    `FULL_SCALE_RATIO`, whichever is larger (module docstring)."""
     maps = np.asarray(maps, np.float64)
     ratio = np.maximum(maps * maps[0].size, 1.0)
-    top = float(ratio.max())
-    if top <= 1.0:
-        return np.zeros_like(maps)
-    return np.log(ratio) / np.log(top)
+    return np.log(ratio) / np.log(max(float(ratio.max()), FULL_SCALE_RATIO))
 
 
 def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -131,9 +132,11 @@ def draw_attention_figure(prediction: ImagePrediction, slots: Sequence[int],
              for s in slots]
     chosen = Image.fromarray(_chosen_masks(prediction, slots))
     first = labelled(chosen, "chosen output masks")
-    first_with_legend = Image.new("RGB", (first.width, first.height + 40), (255, 255, 255))
+    legend = _legend(slots, names, first.width)
+    first_with_legend = Image.new("RGB", (first.width, first.height + legend.height + 2),
+                                  (255, 255, 255))
     first_with_legend.paste(first, (0, 0))
-    first_with_legend.paste(_legend(slots, names, first.width), (0, first.height + 2))
+    first_with_legend.paste(legend, (0, first.height + 2))
     panels = [first_with_legend]
     for head in range(attention.shape[0]):
         maps = attention[head, list(slots)]

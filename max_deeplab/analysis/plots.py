@@ -161,7 +161,9 @@ def draw_average_masks(stats: SlotStatistics, class_names: Sequence[str], tile: 
             else:
                 image = Image.new("RGB", (tile, tile), (235, 235, 235))
             top_class = class_names[int(np.argmax(stats.joint[slot]))] if firings[slot] else "-"
-            captions = [f"{slot}: {firings[slot]}x {top_class}", f"peak {peak:.2f}"]
+            captions = [f"{slot}: {firings[slot]}x {top_class}"]
+            if name != NEVER:
+                captions.append(f"peak {peak:.2f}")
             for k, caption in enumerate(captions):
                 while text_size(caption, typeface)[0] > tile + 30 and len(caption) > 4:
                     caption = caption[:-2] + "."
