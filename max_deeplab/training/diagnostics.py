@@ -24,7 +24,10 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from max_deeplab.losses import LossMatching, MaXDeepLabLoss, matched_slot_of_pixels
+# From the defining modules: the class itself, whatever `max_deeplab.losses` is made to
+# export (tests swap the loss that `train` builds there for a stand-in).
+from max_deeplab.losses.auxiliary import matched_slot_of_pixels
+from max_deeplab.losses.max_deeplab_loss import LossMatching, MaXDeepLabLoss
 
 DIAGNOSTIC_NAMES = ("matched_class_similarity", "matched_mask_similarity",
                     "instance_discrimination_accuracy", "mask_id_accuracy", "matched_slots")
