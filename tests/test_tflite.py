@@ -97,6 +97,7 @@ def test_an_unconvertible_op_is_named():
         convert(_serving(model), "float32")
 
 
+@pytest.mark.slow  # a SavedModel export and a conversion (~15 s); the CLI's slow test too
 def test_export_writes_tflite_beside_the_saved_model(tmp_path):
     export_dir = tmp_path / "export"
     lines = []
