@@ -31,6 +31,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "import-checkpoint": ("max_deeplab.cli.import_checkpoint",
                           "import a published deeplab2 MaX-DeepLab checkpoint"),
     "pretrain": ("max_deeplab.cli.pretrain", "ImageNet (TFDS) pretraining of the backbone"),
+    "analyze": ("max_deeplab.cli.analyze",
+                "the paper's analysis pictures: mask slots, D = 3 features, M2P attention"),
 }
 
 

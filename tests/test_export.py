@@ -76,7 +76,7 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
 # The subprocess runs with -I (no PYTHONPATH, no cwd on sys.path) from a temp directory and
 # additionally blocks every import of max_deeplab (the editable install's finder would
 # otherwise still find it), then proves the block works before loading.
-_LOADER = textwrap.dedent("""
+BLOCK_PACKAGE = textwrap.dedent("""
     import json, sys
     class _Block:
         def find_spec(self, name, path=None, target=None):
@@ -89,6 +89,8 @@ _LOADER = textwrap.dedent("""
         raise SystemExit("max_deeplab is importable")
     except ImportError:
         pass
+""")
+_LOADER = BLOCK_PACKAGE + textwrap.dedent("""
     import numpy as np, tensorflow as tf
     export_dir, image_paths, out_path = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
     loaded = tf.saved_model.load(export_dir)
@@ -107,19 +109,24 @@ _LOADER = textwrap.dedent("""
 """)
 
 
+def run_without_package(script_text: str, args: list[str], tmp_path) -> None:
+    """Runs `script_text` (starting with `BLOCK_PACKAGE`) with `args` in a fresh
+    interpreter that cannot import max_deeplab; fails the test if it fails."""
+    script = tmp_path / "load.py"
+    script.write_text(script_text)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", str(script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _load_in_clean_process(export_dir, images, tmp_path):
     paths = []
     for i, image in enumerate(images):
         paths.append(str(tmp_path / f"img{i}.npy"))
         np.save(paths[-1], image)
-    script = tmp_path / "load.py"
-    script.write_text(_LOADER)
     out_path = str(tmp_path / "loaded.json")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-I", str(script), str(export_dir), *paths,
-                           out_path], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_without_package(_LOADER, [str(export_dir), *paths, out_path], tmp_path)
     with open(out_path) as f:
         info = json.load(f)
     outs = [dict(np.load(f"{out_path}.{i}.npz")) for i in range(len(images))]

@@ -35,8 +35,9 @@ def exported(monkeypatch):
     monkeypatch.setattr(max_deeplab.model, "restore",
                         lambda model, path: calls.setdefault("restored", path))
 
-    def export_saved_model(model, export_dir, metadata, *, input_size):
-        calls.update(export_dir=export_dir, metadata=metadata, input_size=input_size)
+    def export_saved_model(model, export_dir, metadata, *, input_size, **tflite_options):
+        calls.update(export_dir=export_dir, metadata=metadata, input_size=input_size,
+                     **tflite_options)
 
     monkeypatch.setattr(max_deeplab.inference, "export_saved_model", export_saved_model)
     return calls
@@ -233,3 +234,88 @@ def test_export_of_a_train_run_needs_no_flags(tmp_path):
     assert metadata["category_ids"].numpy().tolist() == [c["id"] for c in categories]
     with open(export_dir / "assets" / "metadata.json") as f:
         assert json.load(f)["input_size"] == input_size
+
+
+# --- --tflite ------------------------------------------------------------------------------
+
+def _converted_samples(tmp_path) -> str:
+    """The bundled shapes val split (3 images) as `convert` TFRecords; returns the glob."""
+    from max_deeplab.data.converter import convert
+
+    prefix = str(tmp_path / "shapes" / "val")
+    convert(os.path.join(SAMPLES, "annotations", "panoptic_val.json"),
+            os.path.join(SAMPLES, "val"), os.path.join(SAMPLES, "panoptic_val"), prefix,
+            num_shards=1, num_workers=1, log=lambda line: None)
+    return prefix + "-*"
+
+
+def test_tflite_flags_reach_the_export(tmp_path, exported):
+    run_dir = _train_run(tmp_path)
+    assert _export("--checkpoint", run_dir, "--export_dir", str(tmp_path / "a"),
+                   "--tflite", "float32,float16") == 0
+    assert exported["tflite"] == ["float32", "float16"]
+    assert exported["representative_images"] is None
+    # int8 calibrates on the first --representative_images images of --representative_data.
+    assert _export("--checkpoint", run_dir, "--export_dir", str(tmp_path / "b"), "--tflite",
+                   "int8", "--representative_data", _converted_samples(tmp_path),
+                   "--representative_images", "2") == 0
+    images = exported["representative_images"]
+    assert len(images) == 2 and images[0].shape == (129, 161, 3) and images[0].dtype == "uint8"
+
+
+def test_tflite_flags_are_checked_before_the_model_is_built(tmp_path, capsys, no_model_build):
+    run_dir = _train_run(tmp_path)  # its train data: one empty shard
+    cases = [(["--tflite", "float32,int4"], "--tflite: unknown quantization int4; expected "
+              "any of float32, float16, int8"),
+             (["--tflite", "int8"], "--representative_data: no records in"),
+             (["--tflite", "int8", "--representative_data", str(tmp_path / "none-*")],
+              "--representative_data: no TFRecord shards match")]
+    for flags, expected in cases:
+        assert _export("--checkpoint", run_dir, "--export_dir", str(tmp_path / "export"),
+                       *flags) == 2
+        assert expected in capsys.readouterr().err
+    # Without a run.json naming training data, int8 asks for --representative_data.
+    os.remove(os.path.join(run_dir, "run.json"))
+    shutil.copy(tmp_path / "data" / "train-metadata.json", run_dir)
+    assert _export("--checkpoint", run_dir, "--export_dir", str(tmp_path / "export"),
+                   "--tflite", "int8") == 2
+    assert "--tflite int8 needs calibration images: pass --representative_data" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow  # builds the tiny model and converts it to TFLite (~1 min)
+def test_export_tflite_of_the_tiny_model_equals_the_saved_model(tmp_path):
+    import numpy as np
+
+    from max_deeplab.gin_config import parse_config
+    from max_deeplab.inference.tflite import TFLitePanopticModel
+    from max_deeplab.model import build_model
+
+    parse_config(["tiny.gin"], [])
+    model = build_model()
+    # Untrained, every slot predicts the same class; random class weights make them differ.
+    rng = np.random.default_rng(0)
+    for variable in model.transformer_class_head.trainable_variables:
+        variable.assign(rng.normal(0, 1, variable.shape).astype(np.float32))
+    run_dir = tmp_path / "run"
+    tf.train.Checkpoint(model=model).save(str(run_dir / "ckpt"))
+    (run_dir / "config.gin").write_text(gin.config_str())
+    categories = [{"id": 100 + i, "name": f"c{i}", "isthing": int(i < 4)} for i in range(8)]
+    (run_dir / "run.json").write_text(json.dumps(
+        {"train_data": _data_set(tmp_path / "data", categories)}))
+    gin.clear_config()
+    export_dir = tmp_path / "export"
+    # Thresholds off: the untrained model's segments are there to compare.
+    assert _export("--checkpoint", str(run_dir), "--export_dir", str(export_dir), "--tflite",
+                   "float32", "--gin_bindings", "postprocess.class_threshold = 0.0",
+                   "--gin_bindings", "postprocess.pixel_threshold = 0.0") == 0
+    tflite = TFLitePanopticModel(str(export_dir / "tflite" / "panoptic_float32.tflite"))
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+    for size in ((65, 97), (80, 50)):
+        image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        got, want = tflite(image), serve(image=tf.constant(image))
+        assert len(np.unique(want["panoptic"])) > 2
+        # The same network in TFLite's kernels: labels equal except at float near-ties.
+        assert np.mean(got["panoptic"] == want["panoptic"].numpy()) > 0.99

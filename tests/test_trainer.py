@@ -427,7 +427,7 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
              "segment_valid": tf.ones((2, k), tf.bool),
              "segment_is_thing": tf.constant([[True, False] * (k // 2)] * 2),
              "semantic": tf.constant(np.where(ids >= 0, ids % 8, -1), tf.int32)}
-    results = []
+    results, diagnostics = [], []
     for jit in (False, True):
         strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
         with strategy.scope():
@@ -443,7 +443,14 @@ def test_real_tiny_train_step_compiles_with_xla_and_matches():
         logs = trainer.train(tf.constant(2))
         after = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
         results.append((float(logs["losses/total"]), initial, after - initial))
+        diagnostics.append({k: float(v) for k, v in logs.items()
+                            if k.startswith("diagnostics/")})
     assert np.isfinite(results[0][0])
+    # The diagnostics (paper Figs. 5-6) are computed inside the compiled step too.
+    assert len(diagnostics[1]) == 5
+    # (An argmax near a tie may flip after XLA's float reassociation: a pixel is ~1e-3.)
+    for name, value in diagnostics[0].items():
+        assert diagnostics[1][name] == pytest.approx(value, abs=5e-3), name
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-4)
     np.testing.assert_array_equal(results[0][1], results[1][1])  # same initial weights
     # The updates agree up to XLA's float reassociation (a few near-zero gradients, e.g. of
@@ -514,6 +521,12 @@ def test_real_tiny_eval_step_compiles_with_xla_and_matches():
     assert np.mean(plain_map == jit_map) > 0.999
     for name in ("losses/total", "PQ", "SQ", "RQ"):
         assert jit_logs[name] == pytest.approx(plain_logs[name], rel=1e-4, abs=1e-6), name
+    # The diagnostics (paper Figs. 5-6) are computed inside the compiled step too (an
+    # argmax near a tie may flip after XLA's float reassociation: a pixel is ~1e-3).
+    diagnostics = [k for k in plain_logs if k.startswith("diagnostics/")]
+    assert len(diagnostics) == 5
+    for name in diagnostics:
+        assert jit_logs[name] == pytest.approx(plain_logs[name], abs=5e-3), name
 
 
 def test_mixed_precision_policy_applies_to_the_run_only(tmp_path):

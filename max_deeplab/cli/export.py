@@ -2,6 +2,7 @@
 
     max-deeplab export --checkpoint CKPT --export_dir DIR [--gin_file F --gin_bindings B]
                        [--metadata PATH] [--input_size H,W]
+                       [--tflite float32,float16,int8 [--representative_data GLOB]]
 
 CKPT is a `train` model directory (its latest checkpoint) or a checkpoint prefix. As
 `evaluate` does, the model config defaults to the run's saved config.gin beside the
@@ -14,6 +15,12 @@ package). Signatures: `serving_default` (uint8 image [H, W, 3], any size), `serv
 (uint8 [B, H, W, 3]) and `metadata` (category ids, names, isthing). The panoptic label
 divisor is the data set's (metadata `label_divisor`); other post-processing settings
 (thresholds, area limits) are taken from gin (`postprocess.*` bindings).
+
+--tflite also writes the whole pipeline (image in, panoptic maps out, any image size) as
+TFLite models, DIR/tflite/panoptic_<quantization>.tflite, built from TFLite builtin ops only
+(see `max_deeplab.inference.tflite`). int8 calibrates on the first --representative_images
+images of --representative_data (TFRecords of `convert`; default: the run's training data
+recorded in its run.json).
 """
 from __future__ import annotations
 
@@ -37,6 +44,13 @@ flags.DEFINE_string("metadata", None, "Data-set metadata JSON written by `conver
                     "*metadata.json beside the checkpoint.", flag_values=FLAGS)
 flags.DEFINE_string("input_size", None, "H,W the image is resized-to-fit and padded to "
                     "(default: gin build_model.input_size).", flag_values=FLAGS)
+flags.DEFINE_list("tflite", [], "TFLite models to write beside the SavedModel (DIR/tflite/): "
+                  "any of float32, float16, int8.", flag_values=FLAGS)
+flags.DEFINE_string("representative_data", None, "TFRecord glob (of `convert`) whose images "
+                    "calibrate --tflite int8 (default: the run's train_data in run.json).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("representative_images", 32, "How many images of --representative_data "
+                     "calibrate --tflite int8.", lower_bound=1, flag_values=FLAGS)
 shared_flags.define_gin_flags(FLAGS)
 
 
@@ -72,10 +86,51 @@ def _input_size() -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
+def _representative_files(run_dir: str) -> list[str]:
+    """The TFRecord files calibrating --tflite int8 ([] when int8 is not asked for)."""
+    from max_deeplab.inference.tflite import QUANTIZATIONS
+    unknown = [q for q in FLAGS.tflite if q not in QUANTIZATIONS]
+    if unknown:
+        raise ExportSetupError(f"--tflite: unknown quantization {', '.join(unknown)}; "
+                               f"expected any of {', '.join(QUANTIZATIONS)}")
+    if "int8" not in FLAGS.tflite:
+        return []
+    from max_deeplab.data.metadata import ShardError, list_shards
+
+    pattern = FLAGS.representative_data or run_directory.saved_data_flags(run_dir).get("train_data")
+    if not pattern:
+        raise ExportSetupError("--tflite int8 needs calibration images: pass "
+                               "--representative_data GLOB (TFRecords of `convert`)")
+    try:
+        return list_shards(pattern)  # the shards (not the metadata JSON beside them)
+    except ShardError as e:
+        raise ExportSetupError(f"--representative_data: {e}") from e
+
+
+def _representative_images(files: list[str], count: int) -> list:
+    """The first `count` images of the TFRecord `files` (uint8 [H, W, 3]); ValueError
+    naming the files if they do not read as `convert`'s records."""
+    import tensorflow as tf
+
+    from max_deeplab.data import decode_example
+
+    try:
+        records = tf.data.TFRecordDataset(files).take(count)
+        images = [decode_example(record)["image"].numpy() for record in records]
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e)).strip().splitlines()[0]
+        raise ValueError(f"--representative_data: cannot read images from "
+                         f"{', '.join(files)}: {message}") from e
+    if not images:
+        raise ValueError(f"--representative_data: no records in {', '.join(files)}")
+    return images
+
+
+def _prepare() -> tuple[str, str, dict, tuple[int, int], list | None]:
     """Checks every flag and input that can be checked without building the model (the
     model build and restore take tens of seconds). Returns (checkpoint prefix, metadata
-    path, metadata, input size); parses the gin config.
+    path, metadata, input size, the images calibrating --tflite int8 or None); parses the
+    gin config.
 
     Raises:
       OSError, ValueError (ExportSetupError, MetadataError, RunConfigError,
@@ -98,11 +153,15 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int]]:
     run_dir = FLAGS.checkpoint if prefix != FLAGS.checkpoint else os.path.dirname(prefix)
     metadata_path = FLAGS.metadata or run_directory.data_metadata_path(run_dir,
                                                                        FLAGS.checkpoint)
+    calibration_files = _representative_files(run_dir)
+    calibration_images = (_representative_images(calibration_files,
+                                                 FLAGS.representative_images)
+                          if calibration_files else None)
     gin_files = _gin_files(run_dir)
     metadata = load_categories_file(metadata_path)
     parse_config(gin_files, FLAGS.gin_bindings)
     run_directory.check_num_classes(len(metadata["categories"]), metadata_path)
-    return prefix, metadata_path, metadata, _input_size()
+    return prefix, metadata_path, metadata, _input_size(), calibration_images
 
 
 def main(argv: list[str]) -> int:
@@ -113,7 +172,7 @@ def main(argv: list[str]) -> int:
             print(f"{argv[0]}: --{name} is required", file=sys.stderr)
             return 2
     try:
-        prefix, metadata_path, metadata, input_size = _prepare()
+        prefix, metadata_path, metadata, input_size, calibration_images = _prepare()
     except (OSError, ValueError) as e:  # bad flags or input files (`_prepare` names them)
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 2
@@ -129,11 +188,18 @@ def main(argv: list[str]) -> int:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 1
     print(f"restored {prefix}")
+    from max_deeplab.inference.tflite import TFLiteConversionError
+
     try:
-        export_saved_model(model, FLAGS.export_dir, metadata, input_size=input_size)
-    except (OSError, ValueError) as e:
+        export_saved_model(model, FLAGS.export_dir, metadata, input_size=input_size,
+                           tflite=FLAGS.tflite, representative_images=calibration_images,
+                           progress=print)
+    except (OSError, ValueError, TFLiteConversionError) as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return 1
     print(f"exported SavedModel to {FLAGS.export_dir} (input size {input_size[0]}x"
           f"{input_size[1]}, metadata {metadata_path})")
+    if FLAGS.tflite:
+        print(f"TFLite models ({', '.join(FLAGS.tflite)}) in "
+              f"{os.path.join(FLAGS.export_dir, 'tflite')}")
     return 0

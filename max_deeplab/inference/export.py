@@ -6,6 +6,11 @@ three signatures:
 
 * ``serving_default(image: uint8 [H, W, 3])`` — any H, W;
 * ``serving_batched(images: uint8 [B, H, W, 3])`` — any B, H, W (one size per batch);
+* ``image_bytes(inputs: string [B])`` — encoded images (JPEG, PNG, GIF or BMP bytes),
+  the TF model garden's ``image_bytes`` input; the images may differ in size;
+* ``tf_example(inputs: string [B])`` — serialized ``tf.train.Example`` protos holding the
+  encoded image under ``image/encoded`` (the model garden's ``tf_example`` input; the
+  records of `max-deeplab convert` qualify as they are); sizes may differ too;
 * ``metadata()`` — the category table embedded at export time: ``category_ids`` (the
   data set's ids, e.g. COCO's), ``category_names``, ``isthing``, ``label_divisor``,
   ``label_offset``, ``void_label``. The same table is in ``assets/metadata.json``.
@@ -15,7 +20,11 @@ label_divisor + instance, void 0, label = contiguous class + label_offset; map a
 data set's category with ``category_ids[label - label_offset]``), ``semantic`` int32 [H, W]
 (dense, never void), ``instance`` int32 [H, W], ``segment_scores`` float32 [N] (class
 confidence of each mask slot; a thing segment's instance id is its slot + 1) and
-``segment_classes`` int32 [N] (label of each slot).
+``segment_classes`` int32 [N] (label of each slot). ``image_bytes`` and ``tf_example``
+return the batched outputs with every map padded to the batch's largest height and width
+(image b fills the top-left ``image_size[b]`` corner, the rest is void, 0) and
+``image_size`` int32 [B, 2] (each image's height and width); for a batch of one size they
+equal ``serving_batched``'s.
 
 Resolution policy (inside the signature): the image is resized, keeping its aspect ratio,
 so that it fits the export size (the model's configured ``build_model.input_size``, e.g.
@@ -41,6 +50,7 @@ import tensorflow as tf
 
 from max_deeplab.data.metadata import categories_problem
 from max_deeplab.data.pipeline import fit_size
+from max_deeplab.data.schema import IMAGE_ENCODED
 from max_deeplab.file_system import is_url, nearest_existing_path
 from max_deeplab.inference.postprocess import postprocess
 from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, PREDICTION_VOID
@@ -48,6 +58,8 @@ from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, 
 SIGNATURE_SINGLE = "serving_default"
 SIGNATURE_BATCHED = "serving_batched"
 SIGNATURE_METADATA = "metadata"
+SIGNATURE_IMAGE_BYTES = "image_bytes"
+SIGNATURE_TF_EXAMPLE = "tf_example"
 METADATA_ASSET = "metadata.json"
 OUTPUT_KEYS = ("panoptic", "semantic", "instance", "segment_scores", "segment_classes")
 
@@ -120,6 +132,9 @@ class PanopticServingModule(tf.Module):
                                   is_thing=np.asarray(table["isthing"], bool),
                                   pad_value=float(pad_value))
 
+        # The network and post-processing, traced once and called by every signature.
+        self.predict_padded = tf.function(self._predict, input_signature=[tf.TensorSpec(
+            [None, self.input_size[0], self.input_size[1], 3], tf.float32, name="padded")])
         self.serving_batched = tf.function(
             self._batched, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
                                                           name="images")])
@@ -127,6 +142,19 @@ class PanopticServingModule(tf.Module):
             self._single, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8,
                                                           name="image")])
         self.metadata = tf.function(self._metadata, input_signature=[])
+        # The model garden's names: a batch of strings called "inputs".
+        encoded = [tf.TensorSpec([None], tf.string, name="inputs")]
+        self.serving_image_bytes = tf.function(self._image_bytes, input_signature=encoded)
+        self.serving_tf_example = tf.function(self._tf_example, input_signature=encoded)
+
+    def settings(self) -> dict[str, Any]:
+        """What the signatures are built from: ``model``, ``table``, ``is_thing``,
+        ``postprocess_kwargs`` (the label encoding and overrides; other post-processing
+        settings come from gin where `postprocess` is traced) and ``pad_value``."""
+        config = self._config
+        return {"model": config.model, "table": dict(config.table),
+                "is_thing": config.is_thing, "postprocess_kwargs": dict(config.pp_kwargs),
+                "pad_value": config.pad_value}
 
     def _metadata(self) -> dict[str, tf.Tensor]:
         return {
@@ -138,7 +166,9 @@ class PanopticServingModule(tf.Module):
             "void_label": tf.constant(self._config.pp_kwargs["void_label"], tf.int32),
         }
 
-    def _batched(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+    def fit_and_pad(self, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """uint8 [B, H, W, 3] -> (float32 [B, *input_size, 3], new_h, new_w): resized to fit
+        the export size, keeping the aspect ratio, and padded at the bottom/right."""
         target = self.input_size
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
@@ -147,18 +177,73 @@ class PanopticServingModule(tf.Module):
                                   method="bilinear")
         padded = tf.pad(resized, [[0, 0], [0, target[0] - new_h], [0, target[1] - new_w],
                                   [0, 0]], constant_values=self._config.pad_value)
-        padded = tf.ensure_shape(padded, [None, target[0], target[1], 3])
+        # A reshape (not EnsureShape, which TFLite lacks) gives the padded batch its static
+        # size; it is exactly that size by construction.
+        return tf.reshape(padded, [-1, target[0], target[1], 3]), new_h, new_w
+
+    def _predict(self, padded: tf.Tensor) -> dict[str, tf.Tensor]:
         outputs = self._config.model(padded, training=False)
-        result = postprocess(outputs, is_thing=self._config.is_thing, image_size=target,
-                             **self._config.pp_kwargs)
-        maps = {}
-        for key in ("panoptic", "semantic", "instance"):
-            valid = result[key][:, :new_h, :new_w, None]
-            maps[key] = tf.image.resize(valid, tf.stack([height, width]),
-                                        method="nearest")[..., 0]
+        result = postprocess(outputs, is_thing=self._config.is_thing,
+                             image_size=self.input_size, **self._config.pp_kwargs)
+        return {key: result[key] for key in OUTPUT_KEYS}
+
+    @staticmethod
+    def _map_back(label_map: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor,
+                  height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+        """The valid (unpadded) part of label maps [B, H', W'], resized (nearest) to the
+        original height x width."""
+        valid = label_map[:, :new_h, :new_w, None]
+        return tf.image.resize(valid, tf.stack([height, width]), method="nearest")[..., 0]
+
+    def _batched(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        shape = tf.shape(images)
+        padded, new_h, new_w = self.fit_and_pad(images)
+        result = self.predict_padded(padded)
+        maps = {key: self._map_back(result[key], new_h, new_w, shape[1], shape[2])
+                for key in ("panoptic", "semantic", "instance")}
         maps["segment_scores"] = result["segment_scores"]
         maps["segment_classes"] = result["segment_classes"]
         return maps
+
+    def _decoded(self, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Encoded images [B] (any sizes) -> the batched outputs, maps padded to the largest
+        image, plus `image_size` [B, 2]."""
+        def fit(one: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            image = tf.io.decode_image(one, channels=3, expand_animations=False)
+            padded, new_h, new_w = self.fit_and_pad(image[None])
+            return padded[0], tf.shape(image)[:2], tf.stack([new_h, new_w])
+
+        target = self.input_size
+        padded, sizes, fitted = tf.map_fn(fit, encoded, fn_output_signature=(
+            tf.TensorSpec([target[0], target[1], 3], tf.float32),
+            tf.TensorSpec([2], tf.int32), tf.TensorSpec([2], tf.int32)))
+        result = self.predict_padded(padded)
+        largest = tf.reduce_max(sizes, axis=0)
+        void = self._config.pp_kwargs["void_label"]
+
+        def back(args: tuple[tf.Tensor, ...]) -> tf.Tensor:
+            label_map, size, fit_size, fill = args
+            resized = self._map_back(label_map[None], fit_size[0], fit_size[1], size[0],
+                                     size[1])[0]
+            return tf.pad(resized, [[0, largest[0] - size[0]], [0, largest[1] - size[1]]],
+                          constant_values=fill)
+
+        maps = {}
+        for key, fill in (("panoptic", void), ("semantic", 0), ("instance", 0)):
+            maps[key] = tf.map_fn(back, (result[key], sizes, fitted,
+                                         tf.fill(tf.shape(sizes)[:1], fill)),
+                                  fn_output_signature=tf.TensorSpec([None, None], tf.int32))
+        maps["segment_scores"] = result["segment_scores"]
+        maps["segment_classes"] = result["segment_classes"]
+        maps["image_size"] = sizes
+        return maps
+
+    def _image_bytes(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._decoded(inputs)
+
+    def _tf_example(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(inputs, {IMAGE_ENCODED: tf.io.FixedLenFeature([], tf.string)})
+        return self._decoded(parsed[IMAGE_ENCODED])
 
     def _single(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
         # Calls the batched tf.function, so the network is traced (and stored) once.
@@ -236,7 +321,9 @@ def _copy_to_url(local_dir: str, export_dir: str) -> None:
 def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any], *,
                        input_size: Sequence[int] = (641, 641),
                        postprocess_kwargs: Mapping[str, Any] | None = None,
-                       pad_value: float = 127.5) -> str:
+                       pad_value: float = 127.5, tflite: Sequence[str] = (),
+                       representative_images: Sequence[np.ndarray] | None = None,
+                       progress: Any = None) -> str:
     """Writes a SavedModel of ``model`` + resize/pad + `postprocess` to ``export_dir``.
 
     Args:
@@ -253,6 +340,11 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
         unset ones take their gin-configured values at export time, except the label
         divisor, which comes from `metadata` when it has one (as in `train`).
       pad_value: value of padded pixels (127.5: zero after the model's normalisation).
+      tflite: TFLite quantisations to write beside the SavedModel, in
+        ``export_dir/tflite/panoptic_<quantization>.tflite`` (`max_deeplab.inference.tflite`:
+        "float32", "float16", "int8"); converted before anything is written.
+      representative_images: uint8 [H, W, 3] calibration images for "int8".
+      progress: called with a line before each TFLite conversion (they take a while).
 
     Returns:
       export_dir.
@@ -288,12 +380,22 @@ def export_saved_model(model: Any, export_dir: str, metadata: Mapping[str, Any],
                 "label_divisor", "label_offset", "void_label")},
                 "input_size": list(module.input_size)}, f, indent=2)
         module.metadata_asset = tf.saved_model.Asset(asset_src)
+        if tflite:
+            from max_deeplab.inference.tflite import TFLITE_DIR, write_models
+
+            write_models(module, os.path.join(tmp, "tflite_staging", TFLITE_DIR), tflite,
+                         representative_images, progress)
         staging = os.path.join(tmp, "saved_model")
         tf.saved_model.save(module, staging, signatures={
             SIGNATURE_SINGLE: module.serving_default.get_concrete_function(),
             SIGNATURE_BATCHED: module.serving_batched.get_concrete_function(),
             SIGNATURE_METADATA: module.metadata.get_concrete_function(),
+            SIGNATURE_IMAGE_BYTES: module.serving_image_bytes.get_concrete_function(),
+            SIGNATURE_TF_EXAMPLE: module.serving_tf_example.get_concrete_function(),
         })
+        if tflite:
+            os.replace(os.path.join(tmp, "tflite_staging", TFLITE_DIR),
+                       os.path.join(staging, TFLITE_DIR))
         if not local:
             _copy_to_url(staging, export_dir)
             return export_dir

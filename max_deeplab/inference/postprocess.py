@@ -90,9 +90,13 @@ from max_deeplab.model.outputs import CLASS_LOGITS, MASK_LOGITS, check_outputs
 from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_LABEL_OFFSET, PREDICTION_VOID
 from max_deeplab.xla_compilation import in_xla_compilation
 
-__all__ = ["RESIZE_METHODS", "RULES", "postprocess", "scaled_area_limit", "upsample_logits"]
+__all__ = ["COUNT_METHODS", "RESIZE_METHODS", "RULES", "postprocess", "scaled_area_limit",
+           "upsample_logits"]
 
 RULES = ("kept_slots", "paper")
+# How segment areas are counted: `DenseBincount` (fast on CPU, XLA) or an unsorted segment
+# sum (the only one of the two TFLite has: see `max_deeplab.inference.tflite`).
+COUNT_METHODS = ("bincount", "segment_sum")
 
 
 def scaled_area_limit(limit: float, image_size: Sequence[int],
@@ -132,6 +136,7 @@ def postprocess(
     resize_method: str = "align_corners",
     dynamic_shapes: bool | None = None,
     rule: str = "kept_slots",
+    count_method: str = "bincount",
 ) -> dict[str, tf.Tensor]:
     """Panoptic, semantic and instance maps from the model's output dict (paper §3.1).
 
@@ -169,6 +174,8 @@ def postprocess(
       rule: "kept_slots" (default, the reference's) or "paper" (§3.1 literally): which
         slots compete in the pixel argmax and which confidence is thresholded; see the
         module docstring.
+      count_method: "bincount" (default) or "segment_sum": how segment areas are counted
+        (same result; TFLite lacks `DenseBincount`, the faster one on CPU).
 
     Returns:
       dict of
@@ -201,6 +208,9 @@ def postprocess(
 
     if rule not in RULES:
         raise ValueError(f"postprocess: rule must be one of {RULES}, got {rule!r}")
+    if count_method not in COUNT_METHODS:
+        raise ValueError(f"postprocess: count_method must be one of {COUNT_METHODS}, got "
+                         f"{count_method!r}")
     # Per slot: class and its confidence among the non-void classes of the (C+1)-softmax.
     all_probs = tf.nn.softmax(class_logits, axis=-1)
     class_probs = all_probs[..., :num_classes]
@@ -260,7 +270,7 @@ def postprocess(
         codes, slot_class, slot_conf, is_thing,
         scaled_area_limit(thing_area_limit, h_w, area_limit_reference_size),
         scaled_area_limit(stuff_area_limit, h_w, area_limit_reference_size),
-        label_divisor, label_offset, void_label)
+        label_divisor, label_offset, void_label, count_method)
     dominant_kept = codes % (2 * num_slots + 1) > 0
     result["pixel_confidence"] = tf.where(dominant_kept, confidence, 0.0)
     result["segment_scores"] = tf.where(kept, slot_conf, 0.0)
@@ -270,8 +280,8 @@ def postprocess(
 
 def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.Tensor,
                         is_thing: tf.Tensor, thing_limit: int, stuff_limit: int,
-                        label_divisor: int, label_offset: int, void_label: int
-                        ) -> dict[str, tf.Tensor]:
+                        label_divisor: int, label_offset: int, void_label: int,
+                        count_method: str = "bincount") -> dict[str, tf.Tensor]:
     """Label maps from per-pixel codes: per-image tables over the codes, one gather each.
 
     Areas: a thing segment is the confident pixels of one ẑ (code e = 1 + ẑ), a stuff
@@ -282,7 +292,11 @@ def _outputs_from_codes(codes: tf.Tensor, slot_class: tf.Tensor, slot_conf: tf.T
     num_classes = int(is_thing.shape[0])
     num_codes = 2 * num_slots + 1
     total = batch * num_slots * num_codes
-    counts = count_codes(tf.reshape(codes, [-1]), total)
+    flat_codes = tf.reshape(codes, [-1])
+    if count_method == "bincount":
+        counts = count_codes(flat_codes, total)
+    else:
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(flat_codes), flat_codes, total)
     area = tf.reduce_sum(tf.reshape(counts, [batch, num_slots, num_codes]), 1)[
         :, 1:1 + num_slots]  # [B, N] confident pixels per ẑ
     slot_thing = tf.gather(is_thing, slot_class)  # [B, N]

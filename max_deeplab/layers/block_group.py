@@ -114,10 +114,18 @@ class BlockGroup(tfk.layers.Layer):
         blocks = (getattr(self, f"_block{i + 1}_transformer") for i in range(self._num_blocks))
         return [b for b in blocks if b is not None]
 
-    def call(self, inputs, training: bool | None = None):
-        """(activated pixels [b,h,w,c], memory [b,N,Cm] or None) -> (pixels, activated, memory)."""
+    def call(self, inputs, training: bool | None = None,
+             return_m2p_attention: bool = False):
+        """(activated pixels [b,h,w,c], memory [b,N,Cm] or None) -> (pixels, activated, memory).
+
+        With `return_m2p_attention`, a fourth element: the memory-to-pixel attention of the
+        group's last dual-path transformer block, float32 [b, heads, N, h, w] (the pixel
+        part of the memory queries' softmax over [pixels; memory], paper §3.3), or None if
+        the group has no transformer block.
+        """
         activated, memory = inputs
         features = activated
+        m2p_attention = None
         for index in range(self._num_blocks):
             features, activated = getattr(self, f"_block{index + 1}")(activated,
                                                                       training=training)
@@ -127,7 +135,16 @@ class BlockGroup(tfk.layers.Layer):
                     raise ValueError(f"{self.name}: a dual-path transformer needs the memory")
                 _, height, width, channels = features.shape.as_list()
                 flat = tf.reshape(features, [-1, height * width, channels])
-                flat, flat_activated, memory = transformer((flat, memory), training=training)
+                flat, flat_activated, memory, *weights = transformer(
+                    (flat, memory), training=training,
+                    return_attention_weights=return_m2p_attention)
+                if weights:
+                    memory_weights = weights[0]["memory"]  # [b, heads, N, hw (+ N)]
+                    m2p_attention = tf.reshape(
+                        tf.cast(memory_weights[..., :height * width], tf.float32),
+                        [-1, memory_weights.shape[1], memory_weights.shape[2], height, width])
                 features = tf.reshape(flat, [-1, height, width, channels])
                 activated = tf.reshape(flat_activated, [-1, height, width, channels])
+        if return_m2p_attention:
+            return features, activated, memory, m2p_attention
         return features, activated, memory

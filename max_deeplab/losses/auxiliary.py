@@ -27,6 +27,55 @@ def _masked_mean(per_pixel: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
     return total / tf.maximum(count, 1.0)
 
 
+def instance_discrimination_logits(
+    pixel_feature: tf.Tensor,
+    masks: tf.Tensor,
+    present: tf.Tensor,
+    temperature: float = 0.3,
+) -> tf.Tensor:
+    """``t_i · g_hw / τ`` for every pixel and ground-truth mask (paper Eq. 12's logits).
+
+    ``t_i`` = L2-normalised mean of the decoder feature ``g`` over ground-truth mask ``m_i``.
+    Masks that are not present get a logit whose exp() is exactly 0 next to any real one.
+
+    Args:
+      pixel_feature: float [B, h, w, D] decoder feature g, L2-normalised by the model.
+      masks: float [B, h, w, K] binary ground-truth masks (zero for absent segments).
+      present: bool [B, K] which of the K masks exist.
+      temperature: τ (paper: 0.3).
+
+    Returns:
+      float [B, h, w, K].
+    """
+    area = tf.reduce_sum(masks, axis=[1, 2])  # [B, K]
+    summed = tf.einsum("bhwk,bhwd->bkd", masks, pixel_feature)
+    mean = summed / tf.maximum(area, 1.0)[:, :, None]
+    embeddings = tf.math.l2_normalize(mean, axis=-1)  # absent masks stay 0, gradient finite
+    logits = tf.einsum("bhwd,bkd->bhwk", pixel_feature, embeddings) / temperature
+    return tf.where(present[:, None, None, :], logits, _ABSENT_LOGIT)
+
+
+def instance_discrimination_loss_from_logits(
+    logits: tf.Tensor, masks: tf.Tensor, counted: tf.Tensor
+) -> tf.Tensor:
+    """Per-image instance discrimination loss (Eq. 12) from `instance_discrimination_logits`:
+    the mean over the pixels of the counted masks of the softmax cross-entropy over the K
+    embeddings, the pixel's own mask being the target.
+
+    Args:
+      logits: float [B, h, w, K].
+      masks: float [B, h, w, K] binary ground-truth masks.
+      counted: bool [B, K] masks whose pixels carry the loss (the thing masks).
+
+    Returns:
+      float [B].
+    """
+    own_logit = tf.reduce_sum(masks * logits, axis=-1)
+    per_pixel = tf.reduce_logsumexp(logits, axis=-1) - own_logit
+    weight = tf.reduce_sum(masks * tf.cast(counted, masks.dtype)[:, None, None, :], axis=-1)
+    return _masked_mean(per_pixel, weight)
+
+
 def instance_discrimination_loss(
     pixel_feature: tf.Tensor,
     masks: tf.Tensor,
@@ -54,16 +103,21 @@ def instance_discrimination_loss(
     Returns:
       float [B].
     """
-    area = tf.reduce_sum(masks, axis=[1, 2])  # [B, K]
-    summed = tf.einsum("bhwk,bhwd->bkd", masks, pixel_feature)
-    mean = summed / tf.maximum(area, 1.0)[:, :, None]
-    embeddings = tf.math.l2_normalize(mean, axis=-1)  # absent masks stay 0, gradient finite
-    logits = tf.einsum("bhwd,bkd->bhwk", pixel_feature, embeddings) / temperature
-    logits = tf.where(present[:, None, None, :], logits, _ABSENT_LOGIT)
-    own_logit = tf.reduce_sum(masks * logits, axis=-1)
-    per_pixel = tf.reduce_logsumexp(logits, axis=-1) - own_logit
-    weight = tf.reduce_sum(masks * tf.cast(counted, masks.dtype)[:, None, None, :], axis=-1)
-    return _masked_mean(per_pixel, weight)
+    logits = instance_discrimination_logits(pixel_feature, masks, present, temperature)
+    return instance_discrimination_loss_from_logits(logits, masks, counted)
+
+
+def matched_slot_of_pixels(pixel_segment: tf.Tensor, matching: tf.Tensor) -> tf.Tensor:
+    """int32 [B, h, w]: the prediction matched to each pixel's ground-truth segment (the
+    mask-ID target), -1 where the pixel is unlabelled or its segment is unmatched.
+
+    Args:
+      pixel_segment: int [B, h, w] the pixel's ground-truth segment, -1 when unlabelled.
+      matching: int [B, K] σ(i), the prediction matched to segment i (-1 if none).
+    """
+    pixel_segment = tf.cast(pixel_segment, tf.int32)
+    slot = tf.gather(tf.cast(matching, tf.int32), tf.maximum(pixel_segment, 0), batch_dims=1)
+    return tf.where(pixel_segment >= 0, slot, -1)
 
 
 def mask_id_cross_entropy(
@@ -79,11 +133,8 @@ def mask_id_cross_entropy(
     Returns:
       float [B].
     """
-    pixel_segment = tf.cast(pixel_segment, tf.int32)
-    slot = tf.gather(
-        tf.cast(matching, tf.int32), tf.maximum(pixel_segment, 0), batch_dims=1
-    )  # [B, h, w]
-    counted = (pixel_segment >= 0) & (slot >= 0)
+    slot = matched_slot_of_pixels(pixel_segment, matching)  # [B, h, w]
+    counted = slot >= 0
     per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.maximum(slot, 0), logits=mask_logits
     )

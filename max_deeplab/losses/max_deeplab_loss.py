@@ -13,12 +13,14 @@ losses (what `tf.distribute` does with gradients) gives the global per-image mea
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import gin
 import tensorflow as tf
 
 from max_deeplab.losses.auxiliary import (
-    instance_discrimination_loss,
+    instance_discrimination_logits,
+    instance_discrimination_loss_from_logits,
     mask_id_cross_entropy,
     semantic_cross_entropy,
 )
@@ -30,13 +32,37 @@ from max_deeplab.losses.pq_style import (
     pq_style_loss,
     soft_dice,
 )
-from max_deeplab.losses.targets import build_segment_targets, resize_labels_nearest
+from max_deeplab.losses.targets import (
+    SegmentTargets,
+    build_segment_targets,
+    resize_labels_nearest,
+)
 from max_deeplab.matching import BACKENDS
 from max_deeplab.model.outputs import check_outputs
 
 LOSS_NAMES = ("pq", "pq_positive", "pq_negative", "instance_discrimination", "mask_id", "semantic")
 
 _TARGET_KEYS = ("segment_ids", "segment_classes", "segment_valid", "segment_is_thing", "semantic")
+
+
+class LossMatching(NamedTuple):
+    """What one loss call matched, for training diagnostics (paper §4.3, Figs. 5-6).
+
+    Attributes:
+      targets: the ground truth at the output stride (`SegmentTargets`).
+      dice: float [B, K, N] ``Dice(m_i, m̂_j)``.
+      class_prob: float [B, K, N] ``p̂_j(c_i)``.
+      matching: int32 [B, K] σ(i), -1 for segments that are not present.
+      instance_logits: float [B, h, w, K] the instance-discrimination logits
+        ``t_i · g_hw / τ`` (absent masks far below any real logit), None when that loss
+        is off.
+    """
+
+    targets: SegmentTargets
+    dice: tf.Tensor
+    class_prob: tf.Tensor
+    matching: tf.Tensor
+    instance_logits: tf.Tensor | None
 
 
 @gin.configurable
@@ -111,7 +137,8 @@ class MaXDeepLabLoss:
         outputs: Mapping[str, tf.Tensor],
         targets: Mapping[str, tf.Tensor],
         global_batch_size: int | None = None,
-    ) -> dict[str, tf.Tensor]:
+        return_matching: bool = False,
+    ) -> dict[str, tf.Tensor] | tuple[dict[str, tf.Tensor], LossMatching]:
         """Losses of one (replica's) batch.
 
         Args:
@@ -123,9 +150,12 @@ class MaXDeepLabLoss:
             ``semantic [B, H, W]`` (-1 = ignore). K_max ≤ N is required.
           global_batch_size: the batch size summed over replicas; per-image losses are
             summed and divided by it. Defaults to the local batch size.
+          return_matching: also return the `LossMatching` the losses were computed from
+          (for `max_deeplab.training.diagnostics`; nothing is computed twice).
 
         Returns:
-          dict of scalar float32 tensors: the weighted terms of `LOSS_NAMES` and ``total``.
+          dict of scalar float32 tensors: the weighted terms of `LOSS_NAMES` and ``total``;
+          with ``return_matching``, the pair (that dict, `LossMatching`).
         """
         self._check_inputs(outputs, targets)
         mask_logits = tf.cast(outputs["mask_logits"], tf.float32)
@@ -151,7 +181,8 @@ class MaXDeepLabLoss:
         class_log_probs = tf.nn.log_softmax(class_logits, axis=-1)
         dice = soft_dice(gt.masks, mask_probs, gt.labelled)
         class_log_prob = class_log_prob_of_segments(class_log_probs, gt.classes)
-        similarity = pq_similarity(dice, tf.exp(class_log_prob), self.similarity)
+        class_prob = tf.exp(class_log_prob)
+        similarity = pq_similarity(dice, class_prob, self.similarity)
         matching = match_segments(similarity, gt.present, self.matching_backend)
         positive, negative = pq_style_loss(
             dice,
@@ -181,13 +212,16 @@ class MaXDeepLabLoss:
         }
         losses["pq"] = losses["pq_positive"] + losses["pq_negative"]
 
+        instance_logits = None
         if self.use_instance_discrimination:
-            per_image = instance_discrimination_loss(
+            instance_logits = instance_discrimination_logits(
                 tf.cast(outputs["pixel_feature"], tf.float32),
                 gt.masks,
                 gt.present,
-                gt.is_thing,
                 temperature=self.instance_discrimination_temperature,
+            )
+            per_image = instance_discrimination_loss_from_logits(
+                instance_logits, gt.masks, gt.is_thing
             )
             losses["instance_discrimination"] = reduce(
                 per_image, self.instance_discrimination_weight
@@ -216,6 +250,8 @@ class MaXDeepLabLoss:
         losses["total"] = tf.add_n(
             [losses[name] for name in ("pq", "instance_discrimination", "mask_id", "semantic")]
         )
+        if return_matching:
+            return losses, LossMatching(gt, dice, class_prob, matching, instance_logits)
         return losses
 
     def _required_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

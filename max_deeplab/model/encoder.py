@@ -293,8 +293,27 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
                 initializer=tfk.initializers.TruncatedNormal(stddev=1.0))
         super().build(input_shape)
 
-    def call(self, images: tf.Tensor, training: bool | None = None) -> dict[str, tf.Tensor]:
-        """Normalised images [b, H, W, 3] -> endpoints (features, memory-path features)."""
+    def _run_group(self, group: BlockGroup, inputs, training: bool | None,
+                   attention: dict | None):
+        """`group(inputs)`; with an `attention` dict, its last dual-path block's M2P
+        attention (if it has one) is stored there as "m2p_attention"."""
+        if attention is None:
+            return group(inputs, training=training)
+        output, activated, memory, m2p = group(inputs, training=training,
+                                               return_m2p_attention=True)
+        if m2p is not None:
+            attention["m2p_attention"] = m2p
+        return output, activated, memory
+
+    def call(self, images: tf.Tensor, training: bool | None = None,
+             return_m2p_attention: bool = False) -> dict[str, tf.Tensor]:
+        """Normalised images [b, H, W, 3] -> endpoints (features, memory-path features).
+
+        With `return_m2p_attention`, the endpoint "m2p_attention": float32 [b, heads, N,
+        h, w], the memory-to-pixel attention of the last dual-path transformer block run
+        (paper appendix A.5), at that block's resolution.
+        """
+        attention = {} if return_m2p_attention else None
         memory = None
         if self._use_memory:
             memory = self.memory_feature[:, :self._num_mask_slots]
@@ -304,8 +323,8 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
         activated = self._activation_fn(output)
         endpoints["stage1"], endpoints["res1"] = output, activated
         for index in range(self._first_stage, 5):
-            output, activated, memory = getattr(self, f"_stage{index + 1}")(
-                (activated, memory), training=training)
+            output, activated, memory = self._run_group(
+                getattr(self, f"_stage{index + 1}"), (activated, memory), training, attention)
             endpoints[f"stage{index + 1}"], endpoints[f"res{index + 1}"] = output, activated
 
         os = self._output_stride
@@ -315,8 +334,8 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
             endpoints["backbone_output"] = backbone_output
             if self._classification_mode:
                 return endpoints
-            output, activated, memory = self._stage5_extra((activated, memory),
-                                                           training=training)
+            output, activated, memory = self._run_group(
+                self._stage5_extra, (activated, memory), training, attention)
 
         # Features available at each stride (the newest last); the stride-`os` list starts
         # with the last stage's output, which supersedes the backbone's stride-16 endpoint.
@@ -334,16 +353,18 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
             activated = fuse(inputs, target_size=stride_to_size[stride],
                              training=training)
             if backbone_group:
-                output, activated, memory = getattr(self, f"_decoder_stage{stage}")(
-                    (activated, memory), training=training)
+                output, activated, memory = self._run_group(
+                    getattr(self, f"_decoder_stage{stage}"), (activated, memory), training,
+                    attention)
             if ends_backbone:
                 backbone_output = activated
                 endpoints["backbone_output"] = backbone_output
                 if self._classification_mode:
                     return endpoints
             if extra_group:
-                output, activated, memory = getattr(self, f"_decoder_stage{stage}_{EXTRA}")(
-                    (activated, memory), training=training)
+                output, activated, memory = self._run_group(
+                    getattr(self, f"_decoder_stage{stage}_{EXTRA}"), (activated, memory),
+                    training, attention)
             stride_to_features[stride].append(output)
             if stride == self._high_res_stride:
                 high_res_outputs.append(activated)
@@ -362,4 +383,6 @@ class MaXDeepLabEncoder(tfk.layers.Layer):
             endpoints["feature_semantic"] = high_res_outputs[0]
         else:
             endpoints["feature_semantic"] = high_res_outputs[self._backbone_decoder_num_stacks]
+        if attention:
+            endpoints.update(attention)
         return endpoints

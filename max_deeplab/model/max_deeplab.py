@@ -24,6 +24,7 @@ from max_deeplab.model.encoder import MaXDeepLabEncoder
 from max_deeplab.model.heads import ConvHead, SemanticDecoder
 from max_deeplab.model.outputs import (
     CLASS_LOGITS,
+    M2P_ATTENTION,
     MASK_LOGITS,
     PIXEL_FEATURE,
     SEMANTIC_LOGITS,
@@ -132,11 +133,23 @@ class MaXDeepLab(tfk.Model):
         backbone-only initial checkpoints; `max_deeplab.model.partition`)."""
         return self.encoder.backbone_variables
 
-    def call(self, images: tf.Tensor, training: bool | None = None) -> dict[str, tf.Tensor]:
-        """float images [B, H, W, 3] in [0, 255] -> the output dict (`outputs.OUTPUT_KEYS`)."""
+    def call(self, images: tf.Tensor, training: bool | None = None,
+             return_m2p_attention: bool = False) -> dict[str, tf.Tensor]:
+        """float images [B, H, W, 3] in [0, 255] -> the output dict (`outputs.OUTPUT_KEYS`).
+
+        `return_m2p_attention=True` adds `outputs.M2P_ATTENTION`: float32 [B, heads, N, h, w],
+        the memory-to-pixel attention of the last dual-path transformer block (paper
+        appendix A.5; its share of each slot's softmax over the h·w pixels and, with M2M, the
+        N slots), for analysis; the default call (and the SavedModel) leave it out.
+        """
         x = tf.cast(images, tf.float32) / 127.5 - 1.0
-        endpoints = self.encoder(x, training=training)
+        if return_m2p_attention:
+            endpoints = self.encoder(x, training=training, return_m2p_attention=True)
+        else:
+            endpoints = self.encoder(x, training=training)
         outputs = {}
+        if M2P_ATTENTION in endpoints:
+            outputs[M2P_ATTENTION] = endpoints[M2P_ATTENTION]
         if self.semantic_head is not None:
             semantic_feature = endpoints["feature_semantic"]
             if (self.semantic_decoder is not None and semantic_feature.shape[1:3]

@@ -9,6 +9,9 @@ key                    shape               content
 ``class_logits``       [B, N, C+1]         the last class is void ∅
 ``pixel_feature``      [B, h, w, D]        the L2-normalised decoder feature g
 ``semantic_logits``    [B, h, w, C]        the auxiliary semantic head (training only)
+``m2p_attention``      [B, heads, N, h', w']  only with ``return_m2p_attention=True``: the last
+                                           dual-path block's memory-to-pixel attention, at
+                                           that block's resolution h' × w' (analysis)
 =====================  ==================  ================================================
 
 h, w = H/4, W/4 (stride 4); N mask slots; C classes; D mask channels.
@@ -23,6 +26,8 @@ CLASS_LOGITS = "class_logits"
 PIXEL_FEATURE = "pixel_feature"
 SEMANTIC_LOGITS = "semantic_logits"
 OUTPUT_KEYS = (MASK_LOGITS, CLASS_LOGITS, PIXEL_FEATURE, SEMANTIC_LOGITS)
+# Returned only on request (analysis, paper appendix A.5); not one of the OUTPUT_KEYS.
+M2P_ATTENTION = "m2p_attention"
 # Each output's dimensions, by name: one name means one size across the outputs ("C+1" is
 # one more than "C").
 OUTPUT_SHAPES: dict[str, tuple[str, ...]] = {

@@ -18,6 +18,12 @@ a line saying the step is being compiled: tens of seconds of silence otherwise),
 evaluator one PQ table per evaluation. orbit's Controller prints each loop's output dict too
 (numpy scalars as ``np.float32(...)``); within `orbit_output_dicts_logged_only()` those go to
 the log only.
+
+Diagnostics (paper Figs. 5-6, `training.diagnostics`): with a `MaXDeepLabLoss`, every
+training loop's and evaluation's logs (TensorBoard scalars) add ``diagnostics/...``: the
+matched masks' class and mask similarities, the instance-discrimination and mask-ID pixel
+accuracies and the matched slots per image, from the loss's own matching; the evaluator also
+prints them above its PQ table.
 """
 from __future__ import annotations
 
@@ -34,6 +40,12 @@ from absl import logging
 
 from max_deeplab.layers.step_random import combine_seed, step_seed_scope
 from max_deeplab.panoptic_labels import LABEL_DIVISOR, PREDICTION_VOID, data_to_prediction_encoding
+from max_deeplab.training.diagnostics import (
+    SUMMARY_PREFIX,
+    DiagnosticsAccumulator,
+    diagnostic_values,
+    losses_and_diagnostics,
+)
 
 LossFn = Callable[..., Mapping[str, tf.Tensor]]
 
@@ -124,6 +136,7 @@ class Trainer(orbit.StandardTrainer):
                                                name="first_non_finite_step")
             self._loss_sums: dict[str, tf.Variable] = {}
             self._step_count = tf.Variable(0.0, trainable=False, name="loop_steps")
+        self._diagnostics = DiagnosticsAccumulator(strategy)
         replica_step = self._replica_step
         if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
             replica_step = tf.function(replica_step, jit_compile=True)
@@ -134,18 +147,19 @@ class Trainer(orbit.StandardTrainer):
         super().__init__(train_dataset, options=orbit.StandardTrainerOptions(
             use_tf_while_loop=False))
 
-    def _replica_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Forward, losses, gradients and the optimiser update on one replica's batch."""
+    def _replica_step(self, inputs: Mapping[str, tf.Tensor]):
+        """Forward, losses, gradients and the optimiser update on one replica's batch.
+        Returns (losses, diagnostics) (see `training.diagnostics`)."""
         variables = self.model.trainable_variables
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         step_seed = combine_seed(self.seed, self.global_step.read_value(), replica)
         with tf.GradientTape() as tape, step_seed_scope(step_seed):
             outputs = self.model(inputs["image"], training=True)
-            losses = dict(self.loss_fn(outputs, inputs,
-                                       global_batch_size=self.global_batch_size))
+            losses, diagnostics = losses_and_diagnostics(self.loss_fn, outputs, inputs,
+                                                         self.global_batch_size)
         gradients = tape.gradient(losses["total"], variables)
         self.optimizer.apply_gradients(list(zip(gradients, variables, strict=True)))
-        return losses
+        return losses, diagnostics
 
     def _ensure_loss_sums(self, names: Sequence[str]) -> None:
         # Created on first trace (names come from the loss), outside the traced function.
@@ -157,10 +171,14 @@ class Trainer(orbit.StandardTrainer):
                                                         name=f"loop_sum_{name}")
 
     def train_step(self, iterator) -> None:
-        per_replica = self.strategy.run(self._replica_step_fn, args=(next(iterator),))
+        per_replica, per_replica_diagnostics = self.strategy.run(self._replica_step_fn,
+                                                                 args=(next(iterator),))
         # Each replica's loss is its share of the global mean: the SUM is the global loss.
         losses = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                   for k, v in per_replica.items()}
+        self._diagnostics.add(tf.nest.map_structure(
+            lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None),
+            per_replica_diagnostics))
         self._ensure_loss_sums(sorted(losses))
         for name, value in losses.items():
             self._loss_sums[name].assign_add(value)
@@ -174,6 +192,7 @@ class Trainer(orbit.StandardTrainer):
         for variable in self._loss_sums.values():
             variable.assign(0.0)
         self._step_count.assign(0.0)
+        self._diagnostics.reset()
         self._loop_start_time = time.time()
         self._loop_start_step = int(self.global_step.numpy())
         if not self._compiled:
@@ -209,6 +228,8 @@ class Trainer(orbit.StandardTrainer):
         logs = {f"losses/{k}": tf.constant(v) for k, v in means.items()}
         logs["learning_rate"] = tf.constant(learning_rate)
         logs["step_time_seconds"] = tf.constant(step_time)
+        logs.update({SUMMARY_PREFIX + k: tf.constant(v)
+                     for k, v in self._diagnostics.result().items()})
         return logs
 
 
@@ -267,12 +288,14 @@ class Evaluator(orbit.StandardEvaluator):
 
     def _replica_step(self, inputs: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         outputs = self.model(inputs["image"], training=False)
-        losses = dict(self.loss_fn(outputs, inputs, global_batch_size=self.global_batch_size))
+        losses, diagnostics = losses_and_diagnostics(self.loss_fn, outputs, inputs,
+                                                     self.global_batch_size)
         # Predictions at the ground truth's resolution (the labels may be kept unresized).
         image_size = inputs["panoptic"].shape[1:3]
         prediction = self.postprocess_fn(outputs, image_size=image_size)
         gt = data_to_prediction_encoding(inputs["panoptic"], self.label_divisor)
-        return {"losses": losses, "prediction": prediction["panoptic"], "groundtruth": gt,
+        return {"losses": losses, "diagnostics": diagnostics,
+                "prediction": prediction["panoptic"], "groundtruth": gt,
                 "image": tf.cast(inputs["image"], tf.uint8)}
 
     def eval_step(self, iterator):
@@ -280,13 +303,18 @@ class Evaluator(orbit.StandardEvaluator):
 
     def eval_begin(self) -> dict:
         self.accumulator = self._accumulator_factory()
-        return {"loss_sums": {}, "batches": 0, "images": None}
+        return {"loss_sums": {}, "diagnostic_sums": {}, "batches": 0, "images": None}
 
     def eval_reduce(self, state: dict, step_outputs) -> dict:
         local = self.strategy.experimental_local_results
         for name, value in step_outputs["losses"].items():
             total = sum(float(x.numpy()) for x in local(value))
             state["loss_sums"][name] = state["loss_sums"].get(name, 0.0) + total
+        for name, pair in step_outputs["diagnostics"].items():
+            previous = state["diagnostic_sums"].get(name, (0.0, 0.0))
+            state["diagnostic_sums"][name] = tuple(
+                before + sum(float(x.numpy()) for x in local(value))
+                for before, value in zip(previous, pair, strict=True))
         state["batches"] += 1
         for gt, pred in zip(local(step_outputs["groundtruth"]),
                             local(step_outputs["prediction"]), strict=True):
@@ -309,6 +337,8 @@ class Evaluator(orbit.StandardEvaluator):
                 logs[f"{metric.upper()}{suffix}"] = float(result[group][metric])
         for name, value in state["loss_sums"].items():
             logs[f"losses/{name}"] = value / batches
+        for name, value in diagnostic_values(state["diagnostic_sums"]).items():
+            logs[SUMMARY_PREFIX + name] = value
         if self._image_writer is not None and state["images"] is not None:
             from max_deeplab.inference.visualize import colorize
 
@@ -324,7 +354,10 @@ class Evaluator(orbit.StandardEvaluator):
 
         losses = " ".join(f"{k[len('losses/'):]}={v:.4f}" for k, v in sorted(logs.items())
                           if k.startswith("losses/"))
+        diagnostics = " ".join(f"{k[len(SUMMARY_PREFIX):]}={v:.4f}" for k, v in
+                               sorted(logs.items()) if k.startswith(SUMMARY_PREFIX))
         self._print(f"eval at step {int(self.global_step.numpy())} | {losses}\n"
-                    f"{format_table(result)}")
+                    + (f"diagnostics | {diagnostics}\n" if diagnostics else "")
+                    + format_table(result))
         logging.info("eval at step %d: %s", int(self.global_step.numpy()), logs)
         return logs
