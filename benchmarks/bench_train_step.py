@@ -1,13 +1,26 @@
-"""Training-step time and peak memory of the tiny and the MaX-DeepLab-S configs on this CPU.
+"""Training-step time and memory of the MaX-DeepLab-S (and tiny) configs on this CPU, with
+the paper's optimiser and without, against the reference implementation.
 
-One full step (forward, Hungarian matching, all losses, gradients, RAdam + Lookahead update)
-at batch 1 on a small crop, with `tf.function`, timed in RAdam's adaptive (steady-state)
-phase. Each config runs in its own process so its peak resident memory (ru_maxrss) is its
-own. Times are also given in units of a 4096^3 fp32 matmul measured in the same run
-(docs/design.md §8: the reference implementation's MaX-S step at 321², batch 1, is 4.7 units and
-2.0 GB peak RSS; target <= 3.7 units, <= 1.6 GB).
+One full step (forward, Hungarian matching, all losses, gradients, optimiser update) at
+batch 1 on a small crop, with `tf.function`, timed in the steady state (RAdam's adaptive
+phase). Three optimisers, so that model cost and optimiser cost show separately:
+  none    gradients only (each summed as soon as it exists, so none is kept)
+  adam    tf_keras Adam (what the reference implementation trains with)
+  paper   RAdam + Lookahead (`build_optimizer`'s default, paper §4)
+Each (config, optimiser) runs in its own process twice: once with TensorFlow's default CPU
+allocator for the time and the peak resident memory (ru_maxrss, what the reference was
+measured by), once with the BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC`) whose statistics give
+the tensors' own peak during a steady step and what stays resident between steps (weights
+and optimiser state); the rest of the resident memory is TensorFlow's runtime, the traced
+graphs and allocator pools. Times are in units of a 4096^3 fp32 matmul timed in the same
+process (docs/design.md §8).
+
+Reference implementation (deeplab2, TF 2.20, Adam), MaX-S at 321², batch 1, measured side by
+side on this machine kind: 4.93 units, 3.93 GB peak RSS; target for the paper optimiser
+<= 0.8x: 3.9 units, 3.1 GB.
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--crop 321] [--steps 5]
+           [--configs max_deeplab_s_coco_641.gin] [--optimizers none adam paper]
 """
 from __future__ import annotations
 
@@ -18,23 +31,28 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OPTIMIZERS = ("none", "adam", "paper")
+REFERENCE = {"units": 4.93, "peak_gb": 3.93}  # deeplab2 MaX-S, 321², batch 1, Adam
+TARGET_RATIO = 0.8
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
 import tensorflow as tf
+import tf_keras as tfk
 from max_deeplab.gin_config import parse_config
 from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
-config, crop, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+config, crop, steps, optimizer_name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 parse_config([config], [f"build_model.input_size = ({crop}, {crop})"])
 model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots
 loss_fn = MaXDeepLabLoss(matching_backend="scipy")
-optimizer = build_optimizer(total_steps=100000, model=model)  # > the default 5000 warmups
+optimizer = {"none": lambda: None, "adam": lambda: tfk.optimizers.Adam(1e-4),
+             "paper": lambda: build_optimizer(total_steps=100000, model=model)}[optimizer_name]()
 rng = np.random.default_rng(0)
 k = min(8, slots)
 segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
@@ -53,60 +71,87 @@ def step(batch):
     with tf.GradientTape() as tape:
         losses = loss_fn(model(batch["image"], training=True), batch)
     grads = tape.gradient(losses["total"], model.trainable_variables)
+    if optimizer is None:
+        return losses["total"] + 0.0 * tf.add_n([tf.reduce_sum(g) for g in grads])
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return losses["total"]
 
+bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
 start = time.perf_counter()
 step(targets).numpy()
 first = time.perf_counter() - start
-# Time the steady state of training: past RAdam's first 5 (momentum-only) steps, in its
-# adaptive phase, as every later step of a run is. At most one of 5 consecutive steps is a
-# Lookahead sync (every 6th), so the median is an ordinary step.
-inner = getattr(optimizer, "inner_optimizer", optimizer)
-for opt in {id(optimizer): optimizer, id(inner): inner}.values():
-    opt.iterations.assign(1000)
-times = []
+if optimizer is not None:
+    # The steady state of training: past RAdam's first 5 (momentum-only) steps, in its
+    # adaptive phase. At most one of 5 consecutive steps is a Lookahead sync (every 6th),
+    # so the median is an ordinary step; the peaks include the sync.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for opt in {id(optimizer): optimizer, id(inner): inner}.values():
+        opt.iterations.assign(1000)
+times, tensor_peaks = [], []
 for _ in range(steps):
+    if bfc:
+        tf.config.experimental.reset_memory_stats("CPU:0")
     start = time.perf_counter()
     step(targets).numpy()
     times.append(time.perf_counter() - start)
-peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-# The time unit, in this process right after the steps (others' load drifts over minutes).
-sys.path.insert(0, sys.argv[4])
-from machine_units import matmul_unit
-unit_s, _ = matmul_unit()
-print(json.dumps({"first": first, "step": float(np.median(times)), "peak_gb": peak_gb,
-                  "unit": unit_s}))
+    if bfc:
+        tensor_peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+result = {"first": first, "step": float(np.median(times)),
+          "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}
+if bfc:
+    result["tensor_peak_gb"] = max(tensor_peaks) / 1024 ** 3
+    result["resident_gb"] = tf.config.experimental.get_memory_info("CPU:0")["current"] / 1024 ** 3
+else:
+    # The time unit, in this process right after the steps (others' load drifts).
+    sys.path.insert(0, sys.argv[5])
+    from machine_units import matmul_unit
+    result["unit"] = matmul_unit()[0]
+print(json.dumps(result))
 """
+
+
+def run_child(config: str, crop: int, steps: int, optimizer: str, bfc: bool) -> dict | str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if bfc:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+    else:
+        env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    proc = subprocess.run([sys.executable, "-c", CHILD, config, str(crop), str(steps),
+                           optimizer, HERE], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--configs", nargs="+",
-                        default=["tiny.gin", "max_deeplab_s_coco_641.gin"])
+    parser.add_argument("--configs", nargs="+", default=["max_deeplab_s_coco_641.gin"])
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=OPTIMIZERS)
     args = parser.parse_args()
-    sys.path.insert(0, HERE)
-    from machine_units import matmul_unit
-
-    unit_s, _ = matmul_unit()
-    print(f"unit: 4096^3 fp32 matmul = {unit_s:.3f} s here; each step's units use the unit "
-          f"timed in its own process")
-    print(f"{'config':<30} {'crop':>5} {'first s':>8} {'step s':>8} {'unit s':>7} {'units':>6} "
-          f"{'peak GB':>8}")
+    print(f"{'config':<28} {'optimizer':<9} {'first s':>7} {'step s':>7} {'units':>6} "
+          f"{'peak RSS GB':>11} {'tensor peak GB':>14} {'resident GB':>11}")
     for config in args.configs:
-        proc = subprocess.run([sys.executable, "-c", CHILD, config, str(args.crop),
-                               str(args.steps), HERE], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{config:<30} failed:\n{proc.stderr[-2000:]}")
-            continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{config:<30} {args.crop:>5} {result['first']:>8.1f} {result['step']:>8.2f} "
-              f"{result['unit']:>7.3f} {result['step'] / result['unit']:>6.2f} "
-              f"{result['peak_gb']:>8.2f}")
-    print("reference implementation, MaX-S at 321², batch 1 (docs/design.md §8): 4.7 units, "
-          "2.0 GB; target <= 3.7 units, <= 1.6 GB")
+        for optimizer in args.optimizers:
+            timed = run_child(config, args.crop, args.steps, optimizer, bfc=False)
+            counted = run_child(config, args.crop, args.steps, optimizer, bfc=True)
+            if isinstance(timed, str) or isinstance(counted, str):
+                print(f"{config:<28} {optimizer:<9} failed:\n"
+                      f"{timed if isinstance(timed, str) else counted}")
+                continue
+            units = timed["step"] / timed["unit"]
+            print(f"{config:<28} {optimizer:<9} {timed['first']:>7.1f} {timed['step']:>7.2f} "
+                  f"{units:>6.2f} {timed['peak_gb']:>11.2f} {counted['tensor_peak_gb']:>14.2f} "
+                  f"{counted['resident_gb']:>11.2f}", flush=True)
+            if optimizer in ("adam", "paper") and "max_deeplab_s" in config and args.crop == 321:
+                print(f"{'':<38} vs reference (Adam): time {units / REFERENCE['units']:.2f}x, "
+                      f"peak RSS {timed['peak_gb'] / REFERENCE['peak_gb']:.2f}x "
+                      f"(target <= {TARGET_RATIO}x)", flush=True)
+    print(f"reference implementation, MaX-S at 321², batch 1, Adam: {REFERENCE['units']} units, "
+          f"{REFERENCE['peak_gb']} GB peak RSS; target for the paper optimiser: "
+          f"<= {TARGET_RATIO * REFERENCE['units']:.1f} units, "
+          f"<= {TARGET_RATIO * REFERENCE['peak_gb']:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import tf_keras as tfk
 from test_export import StandIn
 
 from max_deeplab.losses import MaXDeepLabLoss
+from max_deeplab.panoptic_labels import LABEL_DIVISOR
 from max_deeplab.training.diagnostics import (
     DIAGNOSTIC_NAMES,
     SUMMARY_PREFIX,
@@ -178,7 +179,19 @@ def _standin_batches(height: int, width: int) -> dict:
             "segment_classes": tf.constant([[0, 1, 2], [3, 1, 0]], tf.int32),
             "segment_valid": tf.constant([[True, True, False], [True, True, True]]),
             "segment_is_thing": tf.constant([[False, True, True], [False, True, True]]),
-            "semantic": tf.constant(np.where(ids >= 0, 0, -1), tf.int32)}
+            "semantic": tf.constant(np.where(ids >= 0, 0, -1), tf.int32),
+            # The pipeline's ground-truth panoptic map (data encoding: class × divisor +
+            # instance, void −1), which the evaluator scores against.
+            "panoptic": tf.constant(_panoptic_map(ids, [[0, 1, 2], [3, 1, 0]],
+                                                  [[False, True, True], [False, True, True]]))}
+
+
+def _panoptic_map(ids: np.ndarray, classes: list, is_thing: list) -> np.ndarray:
+    panoptic = np.full(ids.shape, -1, np.int32)
+    for b in range(ids.shape[0]):
+        for s, (c, thing) in enumerate(zip(classes[b], is_thing[b], strict=True)):
+            panoptic[b][ids[b] == s] = c * LABEL_DIVISOR + (s + 1 if thing else 0)
+    return panoptic
 
 
 def test_trainer_and_evaluator_log_the_diagnostics():

@@ -207,6 +207,16 @@ class RAdam(tfk.optimizers.Optimizer):
         return cached
 
     def _update_step_ops(self, gradient: tf.Tensor, variable: tf.Variable) -> tf.Operation:
+        """The moment updates of either phase and the adaptive step, in one fused kernel.
+
+        θ ← θ − s · m̂ / (sqrt(v̂) + ε) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t) is
+        θ ← θ − s sqrt(1 − β2^t) / (1 − β1^t) · m / (sqrt(v) + ε sqrt(1 − β2^t)):
+        `ResourceApplyAdam` (the moment updates and the step in one pass over the weights,
+        instead of ~15 elementwise passes) with the bias corrections folded into its learning
+        rate and ε; its own beta powers are 0 (no further correction), so 1 − β^t keeps the
+        expm1 precision of `_step_scalars`. In the momentum phase its step size s is 0 (it
+        only updates m and v) and `_momentum_steps` takes the step, once for all variables.
+        """
         dtype = variable.dtype
         index = self._index_dict[self._var_key(variable)]
         m, v = self._m[index], self._v[index]
@@ -219,35 +229,70 @@ class RAdam(tfk.optimizers.Optimizer):
             gradient = gradient + self.decay * variable
         if decays and self.weight_decay_mode == "decoupled":
             variable.assign_sub(lr * self.decay * variable)
+        step_size = lr
+        if self.rectify:
+            step_size = tf.where(use_adaptive, lr * r_t, tf.zeros([], dtype))
+        sqrt_c2 = tf.cast(tf.sqrt(one_minus_beta_2_power), dtype)
+        return tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m.handle, v=v.handle,
+            beta1_power=tf.zeros([], dtype), beta2_power=tf.zeros([], dtype),
+            lr=step_size * sqrt_c2 / tf.cast(one_minus_beta_1_power, dtype),
+            beta1=tf.constant(self.beta_1, dtype), beta2=tf.constant(self.beta_2, dtype),
+            epsilon=self.epsilon * sqrt_c2, grad=gradient)
 
-        def adaptive_step(step_size: tf.Tensor) -> tf.Operation:
-            # θ ← θ − s · m̂ / (sqrt(v̂) + ε) with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t) is
-            # θ ← θ − s sqrt(1 − β2^t) / (1 − β1^t) · m / (sqrt(v) + ε sqrt(1 − β2^t)): one
-            # fused kernel (the moment updates and the step in one pass over the weights,
-            # instead of ~15 elementwise passes) with the bias corrections folded into its
-            # learning rate and ε; its own beta powers are 0 (no further correction), so
-            # 1 − β^t keeps the expm1 precision above.
-            sqrt_c2 = tf.cast(tf.sqrt(one_minus_beta_2_power), dtype)
-            return tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.handle, v=v.handle,
-                beta1_power=tf.zeros([], dtype), beta2_power=tf.zeros([], dtype),
-                lr=step_size * sqrt_c2 / tf.cast(one_minus_beta_1_power, dtype),
-                beta1=tf.constant(self.beta_1, dtype), beta2=tf.constant(self.beta_2, dtype),
-                epsilon=self.epsilon * sqrt_c2, grad=gradient)
+    def _distributed_apply_gradients_fn(self, distribution: tf.distribute.Strategy,
+                                        grads_and_vars, **kwargs) -> tf.Variable:
+        """Every variable's fused update, then (momentum phase only) the momentum steps.
 
-        def momentum_step() -> tf.Operation:
-            m_t = m.assign(self.beta_1 * m + (1.0 - self.beta_1) * gradient)
-            v_update = v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(gradient),
-                                read_value=False)
-            with tf.control_dependencies([v_update]):
-                return variable.assign_sub(
-                    lr * (m_t / tf.cast(one_minus_beta_1_power, dtype)), read_value=False)
+        The phase is one scalar of the step: a single `tf.cond` around the momentum steps of
+        all variables replaces a `tf.cond` per variable, whose ~2 branch functions per
+        variable made the train step's graph (MaX-DeepLab-S: ~1400 functions) cost ~0.8 GB
+        of host memory to build and run (benchmarks/bench_train_step.py).
+        """
+        grads_and_vars = list(grads_and_vars)
+        for gradient, variable in grads_and_vars:
+            distribution.extended.update(variable, self._apply_to, args=(gradient,),
+                                         group=False)
+        if self.rectify:
+            dtype = grads_and_vars[0][1].dtype if grads_and_vars else tf.float32
+            use_adaptive = self._step_scalars(dtype)[4]
+            variables = [v for _, v in grads_and_vars]
+            if tf.executing_eagerly():
+                if not bool(use_adaptive):
+                    self._momentum_steps(distribution, variables)
+            else:
+                previous = [] if self._last_update is None else [self._last_update]
+                with tf.control_dependencies(previous):
+                    self._last_update = tf.cond(
+                        use_adaptive, tf.no_op,
+                        lambda: self._momentum_steps(distribution, variables))
+        with tf.control_dependencies([] if self._last_update is None
+                                     or tf.executing_eagerly() else [self._last_update]):
+            return self.iterations.assign_add(1)
 
-        if not self.rectify:
-            return adaptive_step(lr)
-        # A scalar predicate: tf.cond runs one branch (a tf.where over every weight would
-        # compute both, a full pass over the model's size per step).
-        return tf.cond(use_adaptive, lambda: adaptive_step(lr * r_t), momentum_step)
+    def _apply_to(self, variable: tf.Variable, gradient: tf.Tensor) -> None:
+        self._update_step(gradient, variable)  # (`update` passes the variable first)
+
+    def _momentum_steps(self, distribution: tf.distribute.Strategy,
+                        variables: Sequence[tf.Variable]) -> tf.Operation:
+        """θ ← θ − lr · m / (1 − β1^t) for every variable (m already updated this step)."""
+        chain = [None]
+
+        def momentum_step(variable: tf.Variable) -> None:
+            index = self._index_dict[self._var_key(variable)]
+            base_lr, one_minus_beta_1_power = self._step_scalars(variable.dtype)[:2]
+            lr = base_lr * self._multipliers[index]
+            previous = ([chain[0]] if self.serialize_updates and chain[0] is not None
+                        and not tf.executing_eagerly() else [])
+            with tf.control_dependencies(previous):
+                done = variable.assign_sub(
+                    lr * (self._m[index] / tf.cast(one_minus_beta_1_power, variable.dtype)),
+                    read_value=False)
+            chain[0] = done
+
+        for variable in variables:
+            distribution.extended.update(variable, momentum_step, group=False)
+        return tf.group([] if chain[0] is None or tf.executing_eagerly() else [chain[0]])
 
     def get_config(self) -> dict:
         """The hyper-parameters; not `weight_decay_variables` and `lr_multipliers`, which are
