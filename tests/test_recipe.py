@@ -142,3 +142,38 @@ def test_the_gin_binding_of_the_matcher_reaches_the_loss(tmp_path, records, monk
             *[f"--gin_bindings={b}" for b in bindings]]
     assert train_cli.main(argv) == 0
     assert [loss.matching_backend for loss in seen] == [expected]
+
+
+def _evaluate(model_dir: str, records: str, *extra: str) -> tuple[dict[str, float], dict]:
+    """Runs `max-deeplab evaluate` in this process: (losses printed, metrics.json)."""
+    import contextlib
+    import io
+    import json
+    import os
+
+    from max_deeplab.cli import evaluate as evaluate_cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert evaluate_cli.main(["max-deeplab evaluate", "--model_dir", model_dir,
+                                  "--eval_data", records, *extra]) == 0
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("eval at step"))
+    losses = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.e+]+)", line)}
+    with open(os.path.join(model_dir, "eval", "metrics.json")) as f:
+        return losses, json.load(f)
+
+
+@pytest.mark.slow  # ~60 s beyond the recipe run it evaluates
+def test_evaluate_jit_compile_matches_the_plain_evaluation(plain_run, records):
+    """`evaluate --jit_compile` (the pure-TF matcher inside XLA, where the scipy matcher
+    cannot run) gives the plain evaluation's losses and PQ for the recipe run's model."""
+    plain_losses, plain_metrics = _evaluate(plain_run[0], records)
+    jit_losses, jit_metrics = _evaluate(plain_run[0], records, "--jit_compile")
+    assert plain_losses.keys() == jit_losses.keys() and "total" in plain_losses
+    for key, value in plain_losses.items():
+        np.testing.assert_allclose(jit_losses[key], value, rtol=1e-3, atol=2e-4, err_msg=key)
+    # (PQ is 0 after 7 steps; the losses above carry the comparison.)
+    for group in ("All", "Things", "Stuff"):
+        for key in ("pq", "sq", "rq", "n"):
+            assert jit_metrics[group][key] == pytest.approx(plain_metrics[group][key],
+                                                           abs=1e-6), (group, key)
