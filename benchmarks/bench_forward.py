@@ -2,8 +2,9 @@
 
 Prints the latency with plain `tf.function` and with `jit_compile=True` (XLA), in seconds and
 in units of one 4096^3 fp32 matmul measured in the same run (docs/design.md §8: the reference
-implementation takes 7.5 units with tf.function, 5.6 with XLA; target <= 4.5), and the
-achieved FLOP/s against that matmul's FLOP/s (the machine's practical peak).
+implementation's network forward, inference, tf.function, takes 3.74 units and 2.4 GB peak
+RSS; target <= 0.6x: 2.2 units), and the achieved FLOP/s against that matmul's FLOP/s (the
+machine's practical peak).
 
 Usage: .venv/bin/python benchmarks/bench_forward.py [--config max_deeplab_s_coco_641.gin]
        [--repeats 3] [--no_xla]
@@ -60,8 +61,8 @@ def main() -> None:
     for label, first, seconds in rows:
         print(f"{label:<20} {first:>12.2f} {seconds:>10.3f} {seconds / unit_s:>7.2f} "
               f"{flops / seconds / 1e9:>8.1f} {flops / seconds / peak:>8.1%}")
-    print("reference implementation (docs/design.md §8): 7.5 units (tf.function), 5.6 (XLA); "
-          "target <= 4.5 units")
+    print("reference implementation (docs/design.md §8): 3.74 units (tf.function, inference); "
+          "target <= 0.6x: 2.2 units")
 
 
 if __name__ == "__main__":
