@@ -205,42 +205,96 @@ optimizers = [optimizer] + [getattr(optimizer, "inner_optimizer", optimizer)]
 slots = {id(v): v for opt in optimizers for v in opt.variables}
 weights = {id(v): v for v in model.variables}
 state = [v for key, v in slots.items() if key not in weights]
-start = time.perf_counter()
-# Zeros (at most ~0.2 GB here): the compiler IR API takes TensorSpecs only as top-level
-# arguments, and the step takes one dict. Nothing is executed.
-batch_zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in specs.items()}
-hlo = trainer._replica_step_fn.experimental_get_compiler_ir(batch_zeros)(
-    stage="optimized_hlo")
-seconds = time.perf_counter() - start
+# The sizes first (flushed): the parent may stop this process once XLA has written the
+# buffer assignment, before the CPU code generation that follows it.
 print(json.dumps({
-    "crop": list(crop), "k_max": k_max, "compile_seconds": seconds,
+    "crop": list(crop), "k_max": k_max,
     "parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
     "weight_bytes": nbytes(model.variables),
     "optimizer_state_bytes": nbytes(state),
     "batch_bytes": sum(s.shape.num_elements() * s.dtype.size for s in specs.values()),
-    "hlo_chars": len(hlo),
-    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
-}))
+    "compile_start": time.time(),
+}), flush=True)
+# Zeros (at most ~0.2 GB here): the compiler IR API takes TensorSpecs only as top-level
+# arguments, and the step takes one dict. Nothing is executed.
+batch_zeros = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in specs.items()}
+trainer._replica_step_fn.experimental_get_compiler_ir(batch_zeros)(stage="optimized_hlo")
+print(json.dumps({"compile_end": time.time(),
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}),
+      flush=True)
 """
 
 
+def _buffer_assignment_written(dump_dir: str) -> bool:
+    # XLA writes the optimised HLO, the buffer assignment and the memory-usage report, then
+    # (written once the report is closed) the module's debug options and the files of the
+    # CPU code generation.
+    names = os.listdir(dump_dir)
+    reports = [n for n in names if n.endswith("memory-usage-report.txt") and "replica_step" in n]
+    if not reports:
+        return False
+    written = os.stat(os.path.join(dump_dir, reports[0])).st_mtime_ns
+    return any(os.stat(os.path.join(dump_dir, n)).st_mtime_ns > written
+               for n in names if n != reports[0])
+
+
+def _peak_rss_gib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
 def run_case(config: str, batch: int, dtype: str, dump_root: str, keep_dump: bool = False,
-             timeout: float | None = None) -> dict:
-    """Compiles one case in a child process and returns its measurements (raises on failure)."""
+             timeout: float | None = None, full_compile: bool = False) -> dict:
+    """Compiles one case in a child process and returns its measurements (raises on failure).
+
+    The child is stopped as soon as XLA has written the buffer assignment (the CPU code
+    generation after it changes no buffer), unless `full_compile`.
+    """
     dump_dir = tempfile.mkdtemp(prefix=f"{os.path.splitext(config)[0]}_b{batch}_{dtype}_",
                                 dir=dump_root)
+    out_path, err_path = (os.path.join(dump_root, os.path.basename(dump_dir) + suffix)
+                          for suffix in (".out", ".err"))
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, config, str(batch), dtype, dump_dir,
-             xla_dump_flags(dump_dir)], capture_output=True, text=True, timeout=timeout)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD, config, str(batch), dtype, dump_dir,
+                 xla_dump_flags(dump_dir)], stdout=out, stderr=err)
+            stopped = False
+            try:
+                while proc.poll() is None:
+                    if timeout is not None and time.perf_counter() - start > timeout:
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                    if not full_compile and _buffer_assignment_written(dump_dir):
+                        stopped = True
+                        break
+                    time.sleep(1.0)
+                finished = time.time()
+                wall = time.perf_counter() - start
+                peak_rss = _peak_rss_gib(proc.pid)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        with open(out_path) as f:
+            lines = [json.loads(line) for line in f if line.startswith("{")]
+        if not stopped and proc.returncode != 0 or not lines:
+            with open(err_path) as f:
+                raise RuntimeError(f"child failed (exit {proc.returncode}):\n{f.read()[-3000:]}")
+        result = {key: value for line in lines for key, value in line.items()}
+        result["compile_seconds"] = result.pop("compile_end", finished) - result["compile_start"]
+        if stopped:
+            result["peak_rss_gib"] = peak_rss
         report = read_memory_report(dump_dir, module_contains="replica_step")
         before = report.module.replace("cpu_after_optimizations", "before_optimizations")
         result.update(config=config, batch=batch, dtype=dtype, wall_seconds=wall,
+                      stopped_after_buffer_assignment=stopped,
                       module=report.module, total_bytes=report.total_bytes,
                       by_kind=report.by_kind, largest_temporaries=report.largest_temporaries,
                       compute_dtypes=compute_dtypes(os.path.join(dump_dir,
@@ -251,6 +305,9 @@ def run_case(config: str, batch: int, dtype: str, dump_root: str, keep_dump: boo
     finally:
         if not keep_dump:
             shutil.rmtree(dump_dir, ignore_errors=True)
+            for path in (out_path, err_path):
+                if os.path.exists(path):
+                    os.remove(path)
 
 
 def _gib(n: float) -> str:
@@ -268,6 +325,9 @@ def main() -> None:
     parser.add_argument("--keep_dumps", action="store_true")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds a case may compile before it is given up")
+    parser.add_argument("--full_compile", action="store_true",
+                        help="let XLA finish the CPU code generation (slower; the buffer "
+                             "assignment is the same)")
     parser.add_argument("--top", type=int, default=3,
                         help="largest temporaries printed per case")
     parser.add_argument("--json", default=None, help="append one JSON line per case here")
@@ -287,7 +347,7 @@ def main() -> None:
                 name = SHORT_NAMES.get(config, os.path.splitext(config)[0])
                 try:
                     r = run_case(config, batch, dtype, dump_root, args.keep_dumps,
-                                 args.timeout)
+                                 args.timeout, args.full_compile)
                 except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError,
                         ValueError) as e:
                     print(f"{name:<8} {'':>5} {batch:>5} {dtype:>8} failed: {e}", flush=True)
@@ -307,7 +367,7 @@ def main() -> None:
                       f"{_gib(kinds['parameter']):>7} {_gib(kinds['output']):>6} "
                       f"{_gib(r['weight_bytes']):>7} {_gib(r['optimizer_state_bytes']):>7} "
                       f"{r['compile_seconds']:>9.0f} {r['wall_seconds']:>7.0f} "
-                      f"{r['peak_rss_gib']:>5.1f}  {convs}", flush=True)
+                      f"{r['peak_rss_gib'] or float('nan'):>5.1f}  {convs}", flush=True)
                 for size, value, shape, op in r["largest_temporaries"][:args.top]:
                     print(f"    temporary {size / 2 ** 20:8.1f} MiB {shape} {op or value}")
                 print(f"    parameters {r['parameters']:,}; conv/dot dtypes before XLA's "
