@@ -24,6 +24,7 @@ Usage:
   .venv/bin/python benchmarks/memory_table.py --configs max_deeplab_s_coco_641.gin \\
       --batches 1 --dtypes float32                            # one case
   .venv/bin/python benchmarks/memory_table.py --json results.jsonl   # also one JSON line/case
+  .venv/bin/python benchmarks/memory_table.py --markdown results.jsonl  # docs/memory.md tables
 """
 from __future__ import annotations
 
@@ -314,6 +315,53 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def markdown_tables(results: list[dict]) -> str:
+    """docs/memory.md's tables from `--json` lines (the last line of each case counts):
+    total bytes per case, the training state per config, and each case's times."""
+    cases: dict[tuple[str, int, str], dict] = {}
+    for r in results:
+        cases[(r["config"], r["batch"], r["dtype"])] = r
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    batches = sorted({r["batch"] for r in results})
+
+    def cell(config: str, batch: int, dtype: str, key: str = "total_bytes") -> str:
+        r = cases.get((config, batch, dtype))
+        if r is None:
+            return "—"
+        if "error" in r:
+            return "failed"
+        return f"{r[key] / GIB:.2f}" if key.endswith("bytes") else f"{r[key]:.0f}"
+
+    lines = ["| model | crop | batch per replica | float32 GiB | bfloat16 (mixed) GiB |",
+             "|---|---|---|---|---|"]
+    for config in configs:
+        crop = next((r["crop"][0] for r in results if r["config"] == config and "crop" in r),
+                    "?")
+        for batch in batches:
+            if not any((config, batch, d) in cases for d in DTYPES):
+                continue
+            lines.append(f"| {SHORT_NAMES.get(config, config)} | {crop} | {batch} | "
+                         f"{cell(config, batch, 'float32')} | "
+                         f"{cell(config, batch, 'bfloat16')} |")
+    lines += ["", "| model | trainable parameters | weights GiB | optimiser state GiB |",
+              "|---|---|---|---|"]
+    for config in configs:
+        r = next((r for r in results if r["config"] == config and "parameters" in r), None)
+        if r is not None:
+            lines.append(f"| {SHORT_NAMES.get(config, config)} | {r['parameters']:,} | "
+                         f"{r['weight_bytes'] / GIB:.2f} | "
+                         f"{r['optimizer_state_bytes'] / GIB:.2f} |")
+    lines += ["", "| model | batch | dtype | to buffer assignment s | case wall s | "
+              "peak RSS GiB |", "|---|---|---|---|---|---|"]
+    for (config, batch, dtype), r in cases.items():
+        if "error" in r:
+            continue
+        lines.append(f"| {SHORT_NAMES.get(config, config)} | {batch} | {dtype} | "
+                     f"{r['compile_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{r['peak_rss_gib']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(PAPER_CONFIGS))
@@ -331,7 +379,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3,
                         help="largest temporaries printed per case")
     parser.add_argument("--json", default=None, help="append one JSON line per case here")
+    parser.add_argument("--markdown", default=None, metavar="JSONL",
+                        help="print docs/memory.md's tables from a --json file and exit")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as f:
+            print(markdown_tables([json.loads(line) for line in f if line.strip()]))
+        return
     dump_root = args.dump_root or tempfile.mkdtemp(prefix="max_deeplab_memory_")
     os.makedirs(dump_root, exist_ok=True)
 
