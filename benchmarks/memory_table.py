@@ -47,6 +47,8 @@ PAPER_CONFIGS = ("max_deeplab_s_coco_641.gin", "max_deeplab_s_coco_1025.gin",
 SHORT_NAMES = {"max_deeplab_s_coco_641.gin": "S 641", "max_deeplab_s_coco_1025.gin": "S 1025",
                "max_deeplab_l_coco_1025.gin": "L 1025"}
 DTYPES = ("float32", "bfloat16")
+# Device memories the tables compare against (GiB): a TPU v3 core, a TPU v4 chip, GPUs.
+DEVICE_GIB = (16, 32, 40, 80)
 
 _TOTAL = re.compile(r"^Total bytes used: (\d+)", re.MULTILINE)
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+), (.*)$")
@@ -317,11 +319,15 @@ def _gib(n: float) -> str:
 
 def markdown_tables(results: list[dict]) -> str:
     """docs/memory.md's tables from `--json` lines (the last line of each case counts):
-    total bytes per case, the training state per config, and each case's times."""
+    total bytes per case; per config and precision, the largest measured per-replica batch
+    whose total is within each of `DEVICE_GIB` (and the share of it that total takes); the
+    training state per config; each case's times."""
     cases: dict[tuple[str, int, str], dict] = {}
     for r in results:
         cases[(r["config"], r["batch"], r["dtype"])] = r
-    configs = list(dict.fromkeys(r["config"] for r in results))
+    order = {name: i for i, name in enumerate(PAPER_CONFIGS)}
+    configs = sorted(dict.fromkeys(r["config"] for r in results),
+                     key=lambda c: order.get(c, len(order)))
     batches = sorted({r["batch"] for r in results})
 
     def cell(config: str, batch: int, dtype: str, key: str = "total_bytes") -> str:
@@ -343,6 +349,21 @@ def markdown_tables(results: list[dict]) -> str:
             lines.append(f"| {SHORT_NAMES.get(config, config)} | {crop} | {batch} | "
                          f"{cell(config, batch, 'float32')} | "
                          f"{cell(config, batch, 'bfloat16')} |")
+    lines += ["", "| model | precision | " + " | ".join(f"{c} GiB" for c in DEVICE_GIB) + " |",
+              "|---|---|" + "---|" * len(DEVICE_GIB)]
+    for config in configs:
+        for dtype in DTYPES:
+            measured = sorted((b, r["total_bytes"] / GIB) for (c, b, d), r in cases.items()
+                              if c == config and d == dtype and "total_bytes" in r)
+            if not measured:
+                continue
+            cells = []
+            for capacity in DEVICE_GIB:
+                fitting = [(b, total) for b, total in measured if total <= capacity]
+                cells.append(f"{fitting[-1][0]} ({fitting[-1][1] / capacity:.0%})" if fitting
+                             else f"none of {', '.join(str(b) for b, _ in measured)}")
+            lines.append(f"| {SHORT_NAMES.get(config, config)} | {dtype} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "| model | trainable parameters | weights GiB | optimiser state GiB |",
               "|---|---|---|---|"]
     for config in configs:
