@@ -4,11 +4,13 @@ The step is the one `max-deeplab train --jit_compile` runs (paper §4, docs/desi
 `Trainer`'s per-replica step — forward, `MaXDeepLabLoss` with the pure-TF Hungarian matcher,
 gradients, RAdam + Lookahead update — built from the library's own `build_model`,
 `MaXDeepLabLoss`, `build_optimizer` and `Trainer`, compiled with `jit_compile=True` for the
-CPU. Nothing is run: the batch is a set of `tf.TensorSpec`s and the program is only compiled
-(`experimental_get_compiler_ir(...)(stage="optimized_hlo")`), with XLA asked to dump its
-buffer assignment (`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text`). Only the model's
-weights and the optimiser's state are real tensors (the compiled program's resource
-parameters: about 16 bytes per weight in float32, ~7 GiB for MaX-DeepLab-L).
+CPU. Nothing is run: the program is only compiled
+(`experimental_get_compiler_ir(...)(stage="optimized_hlo")`) for a batch of zeros of the
+config's crop, with XLA asked to dump its buffer assignment (`XLA_FLAGS=--xla_dump_to=DIR
+--xla_dump_hlo_as_text`); the child process is stopped once that is written (the CPU code
+generation after it changes no buffer). Only the model's weights and the optimiser's state
+are real tensors (the compiled program's resource parameters: about 16 bytes per weight,
+6.7 GiB for MaX-DeepLab-L).
 
 XLA's CPU buffer assignment is one allocation per parameter (weights, optimiser state, the
 batch), one per output not aliased to a parameter, the constants, and one pre-allocated
@@ -20,7 +22,7 @@ Each case (config x per-replica batch x dtype) compiles in its own process, one 
 XLA_FLAGS must be set before TensorFlow initialises XLA, and the peak RSS is the case's own.
 
 Usage:
-  .venv/bin/python benchmarks/memory_table.py                 # the full table (hours)
+  .venv/bin/python benchmarks/memory_table.py                 # all 24 cases (~50 min here)
   .venv/bin/python benchmarks/memory_table.py --configs max_deeplab_s_coco_641.gin \\
       --batches 1 --dtypes float32                            # one case
   .venv/bin/python benchmarks/memory_table.py --json results.jsonl   # also one JSON line/case
@@ -374,7 +376,9 @@ def markdown_tables(results: list[dict]) -> str:
                          f"{r['optimizer_state_bytes'] / GIB:.2f} |")
     lines += ["", "| model | batch | dtype | to buffer assignment s | case wall s | "
               "peak RSS GiB |", "|---|---|---|---|---|---|"]
-    for (config, batch, dtype), r in cases.items():
+    for (config, batch, dtype), r in sorted(
+            cases.items(), key=lambda item: (configs.index(item[0][0]),
+                                             DTYPES.index(item[0][2]), item[0][1])):
         if "error" in r:
             continue
         lines.append(f"| {SHORT_NAMES.get(config, config)} | {batch} | {dtype} | "
