@@ -17,7 +17,7 @@ Times are also given in units of a 4096^3 fp32 matmul timed in the same process
 (benchmarks/machine_units.py).
 
 Usage: .venv/bin/python benchmarks/bench_remat.py [--crop 321] [--steps 5]
-           [--config max_deeplab_s_coco_641.gin] [--jit_compile]
+           [--config max_deeplab_s_coco_641.gin]
 """
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
-config, crop, steps, remat, jit = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-                                   sys.argv[4] == "1", sys.argv[5] == "1")
+config, crop, steps, remat = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                              sys.argv[4] == "1")
 parse_config([config], [f"build_model.input_size = ({crop}, {crop})",
                         f"BlockGroup.rematerialize = {remat}"])
 model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots
-loss_fn = MaXDeepLabLoss(matching_backend="tf" if jit else "scipy")
+loss_fn = MaXDeepLabLoss(matching_backend="scipy")
 optimizer = build_optimizer(total_steps=100000, model=model)  # > the default 5000 warmups
 optimizer.build(model.trainable_variables)
 rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ targets = {
                             tf.int32),
 }
 
-@tf.function(jit_compile=jit)
+@tf.function
 def step(batch):
     with tf.GradientTape() as tape:
         losses = loss_fn(model(batch["image"], training=True), batch)
@@ -108,7 +108,7 @@ for _ in range(steps):
     times.append(time.perf_counter() - start)
 steady_allocator_gb = allocator_gb()
 peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-sys.path.insert(0, sys.argv[6])
+sys.path.insert(0, sys.argv[5])
 from machine_units import matmul_unit
 unit_s, _ = matmul_unit()
 print(json.dumps({"first": first, "step": float(np.median(times)), "peak_gb": peak_gb,
@@ -128,7 +128,7 @@ def _run(args, remat: bool, bfc: bool) -> dict | None:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, args.config, str(args.crop), str(args.steps),
-         "1" if remat else "0", "1" if args.jit_compile else "0", HERE],
+         "1" if remat else "0", HERE],
         capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"rematerialize={remat}, BFC={bfc} failed:\n{proc.stderr[-3000:]}")
@@ -141,14 +141,12 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--config", default="max_deeplab_s_coco_641.gin")
-    parser.add_argument("--jit_compile", action="store_true",
-                        help="compile the step with XLA (the 'tf' matcher)")
     args = parser.parse_args()
-    print(f"{args.config}, crop {args.crop}, batch 1, RAdam + Lookahead"
-          f"{', jit_compile' if args.jit_compile else ''}. Times in units of a 4096^3 fp32 "
-          f"matmul timed in each case's process; memory in GB. Default allocator: step time, "
-          f"RSS before the first step (RSS0) and peak RSS; BFC allocator: TF's peak in use "
-          f"during the steady steps and in use between steps (rest).")
+    print(f"{args.config}, crop {args.crop}, batch 1, RAdam + Lookahead. Times in units "
+          "of a 4096^3 fp32 matmul timed in each case's process; memory in GB. Default "
+          "allocator: step time, RSS before the first step (RSS0) and peak RSS; BFC "
+          "allocator: TF's peak in use during the steady steps and in use between steps "
+          "(rest).")
     print(f"{'rematerialize':<14} {'first s':>8} {'step s':>7} {'unit s':>7} {'units':>6} "
           f"{'RSS0':>8} {'peakRSS':>8} {'TF peak':>8} {'TF rest':>8} {'BFC units':>9}")
     results = {}

@@ -121,6 +121,45 @@ def test_small_block_gradients_statistics_and_masks(eager, monkeypatch):
     assert counting.count == 1  # the recomputation ran, once
 
 
+def test_outside_a_step_scope_one_drawn_seed_serves_both_passes(monkeypatch):
+    """Without a step-seed scope (a bare training call) the forward pass and the
+    recomputation draw from one seed drawn for the call: the gradients are those of the
+    plain block under that seed."""
+    seeds = []
+    real_scope = rematerialize.step_seed_scope
+
+    def recording_scope(seed):
+        seeds.append(int(seed.numpy()))
+        return real_scope(seed)
+
+    monkeypatch.setattr(rematerialize, "step_seed_scope", recording_scope)
+    x = tf.constant(np.random.default_rng(2).normal(size=(8, 5, 5, 4)), tf.float32)
+    tfk.utils.set_random_seed(1)
+    block = SmallBlock()
+    block(x[:1], training=False)
+    block.bn2.gamma.assign(tf.fill(block.bn2.gamma.shape, 1.5))
+
+    def loss_and_gradients(remat: bool):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            if remat:
+                out, _ = rematerialize.rematerialized_call(
+                    block, [x], lambda t: block(t, training=True))
+            else:
+                out, _ = block(x, training=True)
+            loss = tf.reduce_sum(out * out)
+        return float(loss), [g.numpy() for g in
+                             tape.gradient(loss, [x, *block.trainable_variables])]
+
+    loss, gradients = loss_and_gradients(remat=True)
+    assert len(seeds) == 2 and seeds[0] == seeds[1]
+    with real_scope(tf.constant(seeds[0], tf.uint32)):
+        plain_loss, plain_gradients = loss_and_gradients(remat=False)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for plain, recomputed in zip(plain_gradients, gradients, strict=True):
+        np.testing.assert_allclose(recomputed, plain, rtol=RTOL, atol=ATOL)
+
+
 # --- the tiny model -------------------------------------------------------------------------
 
 def _tiny_model(rematerialize_blocks: bool, policy: str = "float32") -> tfk.Model:
@@ -300,13 +339,19 @@ XLA_GRADIENT_TOLERANCE = {"float32": 1e-5, "mixed_bfloat16": 5e-2}
 @pytest.mark.parametrize("policy", sorted(XLA_GRADIENT_TOLERANCE))
 def test_xla_remat_step_matches_plain(policy):
     """With jit_compile=True (float32, and the mixed_bfloat16 policy) the rematerialised
-    step compiles and gives the plain compiled step's loss and gradients."""
+    step compiles and gives the plain compiled step's loss, gradients and moving
+    statistics."""
     plain, remat = _model_pair(policy)
     runs = []
     for model in (plain, remat):
         loss, gradients = _step(model, jit_compile=True)(_images(), SEED)
         runs.append((float(loss), [g.numpy() for g in gradients]))
     (loss, gradients), (remat_loss, remat_gradients) = runs
+    for variable, remat_variable in zip(plain.non_trainable_variables,
+                                        remat.non_trainable_variables, strict=True):
+        # Batch statistics are float32 reductions under either policy.
+        np.testing.assert_allclose(remat_variable.numpy(), variable.numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=variable.name)
     assert np.isfinite(loss)
     assert remat_loss == pytest.approx(loss, rel=1e-6)  # the forward pass is the same
     assert all(g.dtype == np.float32 for g in remat_gradients)

@@ -61,7 +61,7 @@ class BlockGroup(tfk.layers.Layer):
         MaX-DeepLab-S, 321² crop, batch 1, RAdam + Lookahead, 2 CPU cores
         (benchmarks/bench_remat.py): TF's allocator peak 2.27 -> 2.03 GB (the step's own
         share above weights and optimiser slots 0.95 -> 0.76 GB), peak RSS unchanged,
-        step time x1.10.
+        step time x1.10-1.14.
     """
 
     def __init__(self, filters: int, num_blocks: int, name: str, *,
