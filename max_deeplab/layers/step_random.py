@@ -80,6 +80,12 @@ def step_seed_scope(seed: tf.Tensor) -> Iterator[None]:
         _state.seed = previous
 
 
+def current_seed() -> tf.Tensor | None:
+    """The seed of the enclosing `step_seed_scope`, or None outside one (rematerialisation
+    captures it at the forward pass and reopens the scope for the recomputation)."""
+    return getattr(_state, "seed", None)
+
+
 def step_uniform(shape: tf.Tensor | list, site: str) -> tf.Tensor:
     """Uniform [0, 1) float32 values for call site `site`: `hashed_uniform` of the scope's
     seed inside `step_seed_scope`, else TF's stateful generator."""
