@@ -3,10 +3,13 @@ the paper's optimiser and without, against the reference implementation.
 
 One full step (forward, Hungarian matching, all losses, gradients, optimiser update) at
 batch 1 on a small crop, with `tf.function`, timed in the steady state (RAdam's adaptive
-phase). Three optimisers, so that model cost and optimiser cost show separately:
-  none    gradients only (each summed as soon as it exists, so none is kept)
-  adam    tf_keras Adam (what the reference implementation trains with)
-  paper   RAdam + Lookahead (`build_optimizer`'s default, paper §4)
+phase). Three optimisers, so that model cost and optimiser cost show separately, and the
+paper's with activation rematerialisation:
+  none          gradients only (each summed as soon as it exists, so none is kept)
+  adam          tf_keras Adam (what the reference implementation trains with)
+  paper         RAdam + Lookahead (`build_optimizer`'s default, paper §4)
+  paper+remat   the same with `BlockGroup.rematerialize = True` (the axial-attention and
+                dual-path blocks recomputed in the backward pass; docs/design.md §7)
 Each (config, optimiser) runs in its own process twice: once with TensorFlow's default CPU
 allocator for the time and the peak resident memory (ru_maxrss, what the reference was
 measured by), once with the BFC allocator (`TF_CPU_ALLOCATOR_USE_BFC`) whose statistics give
@@ -20,7 +23,7 @@ side on this machine kind: 4.93 units, 3.93 GB peak RSS; target for the paper op
 <= 0.8x: 3.9 units, 3.1 GB.
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--crop 321] [--steps 5]
-           [--configs max_deeplab_s_coco_641.gin] [--optimizers none adam paper]
+           [--configs max_deeplab_s_coco_641.gin] [--variants none adam paper paper+remat]
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ("none", "adam", "paper")
+VARIANTS = ("none", "adam", "paper", "paper+remat")
 REFERENCE = {"units": 4.93, "peak_gb": 3.93}  # deeplab2 MaX-S, 321², batch 1, Adam
 TARGET_RATIO = 0.8
 
@@ -45,8 +48,10 @@ from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
-config, crop, steps, optimizer_name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-parse_config([config], [f"build_model.input_size = ({crop}, {crop})"])
+config, crop, steps, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+optimizer_name, _, remat = variant.partition("+")
+parse_config([config], [f"build_model.input_size = ({crop}, {crop})",
+                        f"BlockGroup.rematerialize = {remat == 'remat'}"])
 model = build_model()
 num_classes = model.num_classes
 slots = model.encoder._num_mask_slots
@@ -110,14 +115,14 @@ print(json.dumps(result))
 """
 
 
-def run_child(config: str, crop: int, steps: int, optimizer: str, bfc: bool) -> dict | str:
+def run_child(config: str, crop: int, steps: int, variant: str, bfc: bool) -> dict | str:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if bfc:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     else:
         env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
     proc = subprocess.run([sys.executable, "-c", CHILD, config, str(crop), str(steps),
-                           optimizer, HERE], capture_output=True, text=True, env=env)
+                           variant, HERE], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,24 +133,24 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--configs", nargs="+", default=["max_deeplab_s_coco_641.gin"])
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=OPTIMIZERS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     args = parser.parse_args()
-    print(f"{'config':<28} {'optimizer':<9} {'first s':>7} {'step s':>7} {'units':>6} "
+    print(f"{'config':<28} {'variant':<11} {'first s':>7} {'step s':>7} {'units':>6} "
           f"{'peak RSS GB':>11} {'tensor peak GB':>14} {'resident GB':>11}")
     for config in args.configs:
-        for optimizer in args.optimizers:
-            timed = run_child(config, args.crop, args.steps, optimizer, bfc=False)
-            counted = run_child(config, args.crop, args.steps, optimizer, bfc=True)
+        for variant in args.variants:
+            timed = run_child(config, args.crop, args.steps, variant, bfc=False)
+            counted = run_child(config, args.crop, args.steps, variant, bfc=True)
             if isinstance(timed, str) or isinstance(counted, str):
-                print(f"{config:<28} {optimizer:<9} failed:\n"
+                print(f"{config:<28} {variant:<11} failed:\n"
                       f"{timed if isinstance(timed, str) else counted}")
                 continue
             units = timed["step"] / timed["unit"]
-            print(f"{config:<28} {optimizer:<9} {timed['first']:>7.1f} {timed['step']:>7.2f} "
+            print(f"{config:<28} {variant:<11} {timed['first']:>7.1f} {timed['step']:>7.2f} "
                   f"{units:>6.2f} {timed['peak_gb']:>11.2f} {counted['tensor_peak_gb']:>14.2f} "
                   f"{counted['resident_gb']:>11.2f}", flush=True)
-            if optimizer in ("adam", "paper") and "max_deeplab_s" in config and args.crop == 321:
-                print(f"{'':<38} vs reference (Adam): time {units / REFERENCE['units']:.2f}x, "
+            if variant != "none" and "max_deeplab_s" in config and args.crop == 321:
+                print(f"{'':<40} vs reference (Adam): time {units / REFERENCE['units']:.2f}x, "
                       f"peak RSS {timed['peak_gb'] / REFERENCE['peak_gb']:.2f}x "
                       f"(target <= {TARGET_RATIO}x)", flush=True)
     print(f"reference implementation, MaX-S at 321², batch 1, Adam: {REFERENCE['units']} units, "
