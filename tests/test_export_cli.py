@@ -293,10 +293,14 @@ def test_export_tflite_of_the_tiny_model_equals_the_saved_model(tmp_path):
     from max_deeplab.model import build_model
 
     parse_config(["tiny.gin"], [])
+    tf.keras.utils.set_random_seed(0)  # the untrained model's segments must be varied
     model = build_model()
     # Untrained, every slot predicts the same class; random class weights make them differ.
     rng = np.random.default_rng(0)
     for variable in model.transformer_class_head.trainable_variables:
+        variable.assign(rng.normal(0, 1, variable.shape).astype(np.float32))
+    # ... and random mask embeddings spread the pixels over more slots.
+    for variable in model.transformer_mask_head.trainable_variables:
         variable.assign(rng.normal(0, 1, variable.shape).astype(np.float32))
     run_dir = tmp_path / "run"
     tf.train.Checkpoint(model=model).save(str(run_dir / "ckpt"))
