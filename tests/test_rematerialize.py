@@ -69,16 +69,19 @@ class SmallBlock(tfk.layers.Layer):
         return x + y, tf.nn.relu(x + y)
 
 
+def _training_call(block, x, remat: bool):
+    """`block(x, training=True)`, rematerialised or not."""
+    if remat:
+        return rematerialize.rematerialized_call(block, [x], lambda t: block(t, training=True))
+    return block(x, training=True)
+
+
 def _small_step(block, x, seed, remat: bool, eager: bool):
     def step(x, seed):
         # As the trainer: the gradient is taken after the step-seed scope has closed.
         with tf.GradientTape() as tape, step_seed_scope(seed):
             tape.watch(x)
-            if remat:
-                out, activated = rematerialize.rematerialized_call(
-                    block, [x], lambda t: block(t, training=True))
-            else:
-                out, activated = block(x, training=True)
+            out, activated = _training_call(block, x, remat)
             loss = tf.reduce_sum(out * out) + tf.reduce_sum(tf.sin(activated))
         return loss, tape.gradient(loss, [x, *block.trainable_variables])
 
@@ -142,11 +145,7 @@ def test_outside_a_step_scope_one_drawn_seed_serves_both_passes(monkeypatch):
     def loss_and_gradients(remat: bool):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            if remat:
-                out, _ = rematerialize.rematerialized_call(
-                    block, [x], lambda t: block(t, training=True))
-            else:
-                out, _ = block(x, training=True)
+            out, _ = _training_call(block, x, remat)
             loss = tf.reduce_sum(out * out)
         return float(loss), [g.numpy() for g in
                              tape.gradient(loss, [x, *block.trainable_variables])]
