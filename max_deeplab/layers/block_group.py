@@ -59,9 +59,9 @@ class BlockGroup(tfk.layers.Layer):
         build a block, and calls out of training, run normally. Convolutional blocks are
         not recomputed (recomputing them too saved nothing more). Measured on
         MaX-DeepLab-S, 321² crop, batch 1, RAdam + Lookahead, 2 CPU cores
-        (benchmarks/bench_train_step.py, paper+remat): TF's allocator peak 2.27 -> 2.03 GB (the step's own
-        share above weights and optimiser slots 0.95 -> 0.76 GB), peak RSS unchanged,
-        step time x1.10-1.14.
+        (benchmarks/bench_train_step.py, paper+remat): TF's allocator peak 2.27 -> 2.03
+        GB (the step's own share above weights and optimiser slots 0.95 -> 0.76 GB), peak
+        RSS unchanged, step time x1.10-1.14.
     """
 
     def __init__(self, filters: int, num_blocks: int, name: str, *,
