@@ -82,6 +82,11 @@ def step(batch):
     return losses["total"]
 
 bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
+sys.path.insert(0, sys.argv[5])
+from machine_units import matmul_unit
+# The time unit before and after the steps: on a shared machine it drifts (it has read 0.31
+# and 0.47 s within minutes here), and a step's units are only as good as its unit.
+unit_before = None if bfc else matmul_unit()[0]
 start = time.perf_counter()
 step(targets).numpy()
 first = time.perf_counter() - start
@@ -107,10 +112,7 @@ if bfc:
     result["tensor_peak_gb"] = max(tensor_peaks) / 1024 ** 3
     result["resident_gb"] = tf.config.experimental.get_memory_info("CPU:0")["current"] / 1024 ** 3
 else:
-    # The time unit, in this process right after the steps (others' load drifts).
-    sys.path.insert(0, sys.argv[5])
-    from machine_units import matmul_unit
-    result["unit"] = matmul_unit()[0]
+    result["unit_before"], result["unit"] = unit_before, matmul_unit()[0]
 print(json.dumps(result))
 """
 
@@ -135,7 +137,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["max_deeplab_s_coco_641.gin"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     args = parser.parse_args()
-    print(f"{'config':<28} {'variant':<11} {'first s':>7} {'step s':>7} {'units':>6} "
+    print("units: the step over the 4096^3 matmul timed in the same process after the steps "
+          "(and, in brackets, before them)")
+    print(f"{'config':<28} {'variant':<11} {'first s':>7} {'step s':>7} {'units':>14} "
           f"{'peak RSS GB':>11} {'tensor peak GB':>14} {'resident GB':>11}")
     for config in args.configs:
         for variant in args.variants:
@@ -146,8 +150,9 @@ def main() -> None:
                       f"{timed if isinstance(timed, str) else counted}")
                 continue
             units = timed["step"] / timed["unit"]
+            units_text = f"{units:.2f} ({timed['step'] / timed['unit_before']:.2f})"
             print(f"{config:<28} {variant:<11} {timed['first']:>7.1f} {timed['step']:>7.2f} "
-                  f"{units:>6.2f} {timed['peak_gb']:>11.2f} {counted['tensor_peak_gb']:>14.2f} "
+                  f"{units_text:>14} {timed['peak_gb']:>11.2f} {counted['tensor_peak_gb']:>14.2f} "
                   f"{counted['resident_gb']:>11.2f}", flush=True)
             if variant != "none" and "max_deeplab_s" in config and args.crop == 321:
                 print(f"{'':<40} vs reference (Adam): time {units / REFERENCE['units']:.2f}x, "
