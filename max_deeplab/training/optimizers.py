@@ -50,7 +50,7 @@ variable gives its multiplier); `build_optimizer` multiplies the model's pretrai
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import gin
 import tensorflow as tf
@@ -65,6 +65,41 @@ WEIGHT_DECAY_MODES = ("l2", "decoupled")
 def _dense(gradient: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     # Sparse gradients (embedding lookups) do not occur in MaX-DeepLab; densify for one path.
     return tf.convert_to_tensor(gradient)
+
+
+def _update_each(distribution: tf.distribute.Strategy, variables: Sequence[tf.Variable],
+                 update: Callable[..., tf.Operation | None], serialize: bool,
+                 partners: Sequence[tf.Variable] | None = None) -> tf.Operation:
+    """`update(variable)` (or `update(variable, partner)`, the partner variable handed over
+    per device as the variable is) for every variable, through
+    `distribution.extended.update`; in a graph with `serialize`, one after another (control
+    dependencies), so that only one variable's temporaries are alive at a time. Returns the
+    last update (a no-op eagerly)."""
+    chain: list[tf.Operation | None] = [None]
+
+    def update_after_previous(variable: tf.Variable, *partner: tf.Variable) -> None:
+        previous = ([chain[0]] if serialize and chain[0] is not None
+                    and not tf.executing_eagerly() else [])
+        with tf.control_dependencies(previous):
+            chain[0] = update(variable, *partner)
+
+    for index, variable in enumerate(variables):
+        args = () if partners is None else (partners[index],)
+        distribution.extended.update(variable, update_after_previous, args=args, group=False)
+    return tf.group([] if chain[0] is None or tf.executing_eagerly() else [chain[0]])
+
+
+def _only_when(predicate: tf.Tensor, updates: Callable[[], tf.Operation],
+               after: tf.Operation | None) -> tf.Operation | None:
+    """`updates()` in a step where the scalar `predicate` holds: one `tf.cond` around all of
+    them (after `after`) in a graph, a Python `if` eagerly. A cond per variable multiplies
+    the step graph's functions: ~20 s more tracing of the first train step (Lookahead's)
+    and ~0.8 GB more host memory (RAdam's phase, MaX-DeepLab-S;
+    benchmarks/bench_train_step.py)."""
+    if tf.executing_eagerly():
+        return updates() if bool(predicate) else None
+    with tf.control_dependencies([] if after is None else [after]):
+        return tf.cond(predicate, updates, tf.no_op)
 
 
 @gin.configurable
@@ -242,30 +277,21 @@ class RAdam(tfk.optimizers.Optimizer):
 
     def _distributed_apply_gradients_fn(self, distribution: tf.distribute.Strategy,
                                         grads_and_vars, **kwargs) -> tf.Variable:
-        """Every variable's fused update, then (momentum phase only) the momentum steps.
-
-        The phase is one scalar of the step: a single `tf.cond` around the momentum steps of
-        all variables replaces a `tf.cond` per variable, whose ~2 branch functions per
-        variable made the train step's graph (MaX-DeepLab-S: ~1400 functions) cost ~0.8 GB
-        of host memory to build and run (benchmarks/bench_train_step.py).
-        """
+        """Every variable's fused update, then (momentum phase only) the momentum steps:
+        the phase is one scalar of the step, so one `tf.cond` holds the momentum steps of all
+        variables (`_only_when`)."""
         grads_and_vars = list(grads_and_vars)
         for gradient, variable in grads_and_vars:
             distribution.extended.update(variable, self._apply_to, args=(gradient,),
                                          group=False)
-        if self.rectify:
-            dtype = grads_and_vars[0][1].dtype if grads_and_vars else tf.float32
-            use_adaptive = self._step_scalars(dtype)[4]
+        if self.rectify and grads_and_vars:
+            use_adaptive = self._step_scalars(grads_and_vars[0][1].dtype)[4]
             variables = [v for _, v in grads_and_vars]
-            if tf.executing_eagerly():
-                if not bool(use_adaptive):
-                    self._momentum_steps(distribution, variables)
-            else:
-                previous = [] if self._last_update is None else [self._last_update]
-                with tf.control_dependencies(previous):
-                    self._last_update = tf.cond(
-                        use_adaptive, tf.no_op,
-                        lambda: self._momentum_steps(distribution, variables))
+            done = _only_when(tf.logical_not(use_adaptive),
+                              lambda: _update_each(distribution, variables, self._momentum_step,
+                                                   self.serialize_updates),
+                              self._last_update)
+            self._last_update = self._last_update if done is None else done
         with tf.control_dependencies([] if self._last_update is None
                                      or tf.executing_eagerly() else [self._last_update]):
             return self.iterations.assign_add(1)
@@ -273,26 +299,14 @@ class RAdam(tfk.optimizers.Optimizer):
     def _apply_to(self, variable: tf.Variable, gradient: tf.Tensor) -> None:
         self._update_step(gradient, variable)  # (`update` passes the variable first)
 
-    def _momentum_steps(self, distribution: tf.distribute.Strategy,
-                        variables: Sequence[tf.Variable]) -> tf.Operation:
-        """θ ← θ − lr · m / (1 − β1^t) for every variable (m already updated this step)."""
-        chain = [None]
-
-        def momentum_step(variable: tf.Variable) -> None:
-            index = self._index_dict[self._var_key(variable)]
-            base_lr, one_minus_beta_1_power = self._step_scalars(variable.dtype)[:2]
-            lr = base_lr * self._multipliers[index]
-            previous = ([chain[0]] if self.serialize_updates and chain[0] is not None
-                        and not tf.executing_eagerly() else [])
-            with tf.control_dependencies(previous):
-                done = variable.assign_sub(
-                    lr * (self._m[index] / tf.cast(one_minus_beta_1_power, variable.dtype)),
-                    read_value=False)
-            chain[0] = done
-
-        for variable in variables:
-            distribution.extended.update(variable, momentum_step, group=False)
-        return tf.group([] if chain[0] is None or tf.executing_eagerly() else [chain[0]])
+    def _momentum_step(self, variable: tf.Variable) -> tf.Operation | None:
+        """θ ← θ − lr · m / (1 − β1^t) (m already updated this step)."""
+        index = self._index_dict[self._var_key(variable)]
+        base_lr, one_minus_beta_1_power = self._step_scalars(variable.dtype)[:2]
+        lr = base_lr * self._multipliers[index]
+        return variable.assign_sub(
+            lr * (self._m[index] / tf.cast(one_minus_beta_1_power, variable.dtype)),
+            read_value=False)
 
     def get_config(self) -> dict:
         """The hyper-parameters; not `weight_decay_variables` and `lr_multipliers`, which are
@@ -391,35 +405,19 @@ class Lookahead(tfk.optimizers.Optimizer):
         alpha = self.slow_step_size
 
         # Serialised like the inner optimiser's updates (one variable's temporaries at a
-        # time), starting after its last update (the tf.cond below waits for it).
+        # time), starting after its last update.
         first = getattr(self._optimizer, "_last_update", None)
         serialize = getattr(self._optimizer, "serialize_updates", False)
 
-        def synchronise_all() -> tf.Operation:
-            chain = [None]
+        def synchronise(fast: tf.Variable, slow: tf.Variable) -> tf.Operation | None:
+            new_slow = slow + alpha * (fast - slow)
+            return tf.group(slow.assign(new_slow, read_value=False),
+                            fast.assign(new_slow, read_value=False))
 
-            def sync_fn(fast: tf.Variable, slow: tf.Variable) -> None:
-                previous = ([chain[0]] if chain[0] is not None and not tf.executing_eagerly()
-                            else [])
-                with tf.control_dependencies(previous):
-                    new_slow = slow + alpha * (fast - slow)
-                    done = tf.group(slow.assign(new_slow, read_value=False),
-                                    fast.assign(new_slow, read_value=False))
-                if serialize:
-                    chain[0] = done
-
-            for variable in variables:
-                slow = self._slow[self._index_dict[self._var_key(variable)]]
-                distribution.extended.update(variable, sync_fn, args=(slow,), group=False)
-            return tf.group([] if chain[0] is None else [chain[0]])
-
-        # One tf.cond on the scalar `sync` around all variables (only every k-th step touches
-        # the weights): a cond per variable cost ~20 s of tracing in the first train step.
-        if tf.executing_eagerly():
-            done = synchronise_all() if bool(sync) else None
-        else:
-            with tf.control_dependencies([] if first is None else [first]):
-                done = tf.cond(sync, synchronise_all, tf.no_op)
+        # Only every k-th step touches the weights: one tf.cond around all variables.
+        slow_weights = [self.slow_weight(v) for v in variables]
+        done = _only_when(sync, lambda: _update_each(distribution, variables, synchronise,
+                                                     serialize, slow_weights), first)
         with tf.control_dependencies([] if done is None else [done]):
             return self.iterations.assign_add(1)
 
