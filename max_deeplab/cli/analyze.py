@@ -71,15 +71,12 @@ class AnalyzeSetupError(ValueError):
 def _run_files(checkpoint: str) -> tuple[str, list[str], str]:
     """(checkpoint prefix, gin files, metadata path): the flags, else the run's saved
     config.gin and the metadata of its recorded data."""
-    from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
     from max_deeplab.training import run_directory
 
     try:
-        prefix = resolve_checkpoint_path(checkpoint)
+        prefix, run_dir = run_directory.checkpoint_run(checkpoint)
     except FileNotFoundError as e:
         raise AnalyzeSetupError(f"--checkpoint: {e}") from e
-    check_checkpoint(prefix)
-    run_dir = checkpoint if prefix != checkpoint else os.path.dirname(prefix)
     gin_files = list(FLAGS.gin_file) or [run_directory.saved_gin_config(run_dir)]
     if gin_files == [None]:
         raise AnalyzeSetupError(f"no {run_directory.RUN_CONFIG_GIN} in {run_dir} (written by "

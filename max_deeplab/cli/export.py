@@ -138,19 +138,14 @@ def _prepare() -> tuple[str, str, dict, tuple[int, int], list | None]:
     """
     from max_deeplab.gin_config import parse_config
     from max_deeplab.inference.export import export_dir_problem
-    from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
 
     problem = export_dir_problem(FLAGS.export_dir)
     if problem:
         raise ExportSetupError(f"--export_dir: {problem}")
     try:
-        prefix = resolve_checkpoint_path(FLAGS.checkpoint)
+        prefix, run_dir = run_directory.checkpoint_run(FLAGS.checkpoint)
     except FileNotFoundError as e:
         raise ExportSetupError(f"--checkpoint: {e}") from e
-    check_checkpoint(prefix)
-    # The run's files (config.gin, run.json) sit beside its checkpoints: --checkpoint is
-    # that directory, or a prefix in it (resolving returns a prefix unchanged).
-    run_dir = FLAGS.checkpoint if prefix != FLAGS.checkpoint else os.path.dirname(prefix)
     metadata_path = FLAGS.metadata or run_directory.data_metadata_path(run_dir,
                                                                        FLAGS.checkpoint)
     calibration_files = _representative_files(run_dir)

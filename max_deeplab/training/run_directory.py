@@ -102,6 +102,22 @@ def recorded_data(model_dir: str) -> str | None:
     return data_flags.get("train_data") or data_flags.get("eval_data")
 
 
+def checkpoint_run(checkpoint: str) -> tuple[str, str]:
+    """(checkpoint prefix, run directory) of a `train` model directory or a checkpoint prefix
+    in one (its latest checkpoint, checked whole): the run's files (config.gin, run.json)
+    sit beside its checkpoints.
+
+    Raises:
+      FileNotFoundError: no checkpoint there.
+      ValueError: a damaged checkpoint (`check_checkpoint`; the message names the file).
+    """
+    from max_deeplab.model.checkpoints import check_checkpoint, resolve_checkpoint_path
+
+    prefix = resolve_checkpoint_path(checkpoint)  # a prefix resolves to itself
+    check_checkpoint(prefix)
+    return prefix, checkpoint if prefix != checkpoint else os.path.dirname(prefix)
+
+
 def data_metadata_path(run_dir: str, checkpoint: str) -> str:
     """The data-set metadata of the run in `run_dir` (whose checkpoint `checkpoint` is
     exported): that of the data recorded in its run.json, else a *metadata.json in the
