@@ -6,6 +6,7 @@ import max_deeplab.data.imagenet
 import max_deeplab.data.pipeline
 import max_deeplab.inference.postprocess
 import max_deeplab.layers.axial_attention
+import max_deeplab.layers.batch_norm_folding
 import max_deeplab.layers.block_group
 import max_deeplab.layers.dual_path_transformer
 import max_deeplab.layers.residual_blocks

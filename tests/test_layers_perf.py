@@ -1,12 +1,14 @@
 """The fast formulations of the axial attention (docs/design.md §8) against straightforward ones:
 the relative-attention skew equals gathering a [L, L, d] table, the unskew is its
 transpose, and the whole layer (training and inference, outputs and gradients) equals the
-gather + einsum formulation with un-folded batch norms."""
+gather + einsum formulation with un-folded batch norms; the convolution wrappers' folded
+inference batch norm equals Keras' convolution then Keras' batch norm."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as tfk
 
 from max_deeplab.layers.axial_attention import (
     MAX_SPAN,
@@ -14,6 +16,12 @@ from max_deeplab.layers.axial_attention import (
     relative_distance_indices,
     skew_relative_logits,
     unskew_relative_weights,
+)
+from max_deeplab.layers.convolutions import (
+    Conv1DBN,
+    ConvBN,
+    DepthwiseConvBN,
+    SeparableConvBN,
 )
 
 
@@ -163,3 +171,90 @@ def test_axial_attention_variables_keep_checkpoint_names_and_shapes():
         ("height_axis/embeddings:0", (2 * MAX_SPAN - 1, 2)),
         ("height_axis/embeddings:0", (2 * MAX_SPAN - 1, 4)),
     ])
+
+
+# --- inference batch norm folded into the convolution wrappers ----------------------------
+
+def _randomize_statistics(layer: tfk.layers.Layer, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for variable in layer.variables:
+        name = variable.name
+        if "moving_variance" in name:
+            variable.assign(rng.uniform(0.5, 2.0, variable.shape))
+        elif "moving_mean" in name:
+            variable.assign(rng.normal(0.0, 0.5, variable.shape))
+        elif "gamma" in name:
+            variable.assign(rng.uniform(0.5, 1.5, variable.shape))
+        elif "beta" in name:
+            variable.assign(rng.normal(0.0, 0.5, variable.shape))
+
+
+def _unfolded(layer, x):
+    """The wrapper's inference output from its sub-layers, called one by one (Keras' own
+    convolution, then Keras' own batch norm with its moving statistics)."""
+    if isinstance(layer, SeparableConvBN):
+        return _unfolded(layer._pointwise, _unfolded(layer._depthwise, x))
+    conv = layer._depthwise_conv if isinstance(layer, DepthwiseConvBN) else layer._conv
+    return layer._activation_fn(layer._batch_norm(conv(x), training=False))
+
+
+_WRAPPERS = {
+    "conv3x3": (lambda: ConvBN(6, 3, "c", activation="relu"), (2, 9, 11, 4)),
+    "conv3x3_stride2": (lambda: ConvBN(6, 3, "c", strides=2, activation="relu"), (2, 9, 11, 4)),
+    "conv1x1_linear": (lambda: ConvBN(6, 1, "c"), (2, 9, 11, 4)),
+    "conv_atrous": (lambda: ConvBN(6, 3, "c", atrous_rate=2, activation="relu"), (1, 9, 9, 4)),
+    "conv1d": (lambda: Conv1DBN(6, "c", activation="relu"), (2, 13, 4)),
+    "depthwise": (lambda: DepthwiseConvBN(5, "c"), (2, 9, 11, 4)),
+    "separable": (lambda: SeparableConvBN(6, 5, "c"), (2, 9, 11, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_WRAPPERS))
+def test_folded_inference_equals_convolution_then_batch_norm(name):
+    make, shape = _WRAPPERS[name]
+    layer = make()
+    x = tf.constant(np.random.default_rng(1).normal(size=shape), tf.float32)
+    first = layer(x, training=False)  # unbuilt: the plain path builds the sub-layers
+    _randomize_statistics(layer)
+    folded = layer(x, training=False)
+    np.testing.assert_allclose(folded.numpy(), _unfolded(layer, x).numpy(), rtol=1e-5,
+                               atol=1e-5)
+    assert first.shape == folded.shape
+    graph = tf.function(lambda x: layer(x, training=False)).get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "BiasAdd" in types and "FusedBatchNormV3" not in types
+    # Out of training nothing normalises the activations any more: the only Rsqrt is the
+    # moving variance's, of the channels' size.
+    for op in graph.get_operations():
+        if op.type == "Rsqrt":
+            assert op.outputs[0].shape.rank == 1
+
+
+def test_training_takes_the_unfolded_path_and_updates_statistics():
+    layer = ConvBN(6, 3, "c", activation="relu")
+    x = tf.constant(np.random.default_rng(2).normal(size=(2, 9, 9, 4)), tf.float32)
+    layer(x, training=False)
+    before = layer._batch_norm.moving_mean.numpy().copy()
+    out = layer(x, training=True)
+    batch = layer._conv(x)
+    mean, variance = tf.nn.moments(batch, axes=[0, 1, 2])
+    bn = layer._batch_norm
+    want = tf.nn.relu((batch - mean) * tf.math.rsqrt(variance + bn.epsilon) * bn.gamma + bn.beta)
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(layer._batch_norm.moving_mean.numpy(), before)
+
+
+def test_folded_inference_under_mixed_bfloat16():
+    tfk.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = ConvBN(8, 3, "c", activation="relu")
+        x = tf.constant(np.random.default_rng(3).normal(size=(1, 9, 9, 4)), tf.float32)
+        layer(x, training=False)
+        _randomize_statistics(layer)
+        folded = layer(x, training=False)
+        unfolded = _unfolded(layer, tf.cast(x, tf.bfloat16))
+    finally:
+        tfk.mixed_precision.set_global_policy("float32")
+    assert folded.dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(folded, tf.float32).numpy(),
+                               tf.cast(unfolded, tf.float32).numpy(), rtol=3e-2, atol=3e-2)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as tfk
 
+from max_deeplab.layers.batch_norm_folding import folded_batch_norm, folds_batch_norm
 from max_deeplab.layers.convolutions import BatchNormFactory
 
 # The relative-position tables hold 2 * MAX_SPAN - 1 rows, so an axis of up to MAX_SPAN
@@ -90,27 +91,6 @@ def _times_table(x: tf.Tensor, table: tf.Tensor, transpose_table: bool) -> tf.Te
     _, heads, length, depth = x.shape.as_list()
     out = tf.matmul(tf.reshape(x, [-1, depth]), table, transpose_b=transpose_table)
     return tf.reshape(out, [-1, heads, length, table.shape[0 if transpose_table else 1]])
-
-
-def _uses_moving_statistics(training) -> bool:
-    """True when Keras batch norm would normalise with its moving statistics."""
-    if training is None:
-        training = tfk.backend.learning_phase()
-    if isinstance(training, (bool, int)):
-        return not training
-    return False  # a symbolic flag: take the general path, which handles it
-
-
-def _folded_batch_norm(bn: tfk.layers.Layer) -> tuple[tf.Tensor, tf.Tensor]:
-    """(scale, shift) such that inference-mode BN(x) = x * scale + shift (Keras' formula), in
-    the batch norm's parameter dtype (float32 also under a mixed-precision policy)."""
-    scale = tf.math.rsqrt(bn.moving_variance + bn.epsilon)
-    if bn.gamma is not None:
-        scale = scale * bn.gamma
-    shift = -bn.moving_mean * scale
-    if bn.beta is not None:
-        shift = shift + bn.beta
-    return scale, shift
 
 
 def softmax_in_float32(logits: tf.Tensor, axis: int = -1) -> tf.Tensor:
@@ -245,7 +225,7 @@ class AxialAttention(tfk.layers.Layer):
         heads = self._num_heads
         key_depth = self._total_key_depth // heads
         value_depth = self._total_value_depth // heads
-        fold = _uses_moving_statistics(training)
+        fold = folds_batch_norm(training)
         dtype = self.compute_dtype
         splits = [self._total_key_depth, self._total_key_depth, self._total_value_depth]
         # The projection as 2-D matmuls (oneDNN runs them faster than the einsum).
@@ -253,7 +233,7 @@ class AxialAttention(tfk.layers.Layer):
         if fold:
             # Inference BN folded into the kernel: q, k, v = x (W * scale) + shift.
             # Folded in float32, then rounded once to the compute dtype.
-            scale, shift = _folded_batch_norm(self._batch_norm_qkv)
+            scale, shift = folded_batch_norm(self._batch_norm_qkv)
             kernels = tf.split(tf.cast(self.qkv_kernel * scale, dtype), splits, axis=-1)
             q, k, v = (tf.matmul(x, kernel) + bias for kernel, bias in
                        zip(kernels, tf.split(tf.cast(shift, dtype), splits)))
@@ -267,7 +247,7 @@ class AxialAttention(tfk.layers.Layer):
 
         # Similarity terms, each [b, heads, L, L] (query o, key p).
         if fold:
-            scale, shift = _folded_batch_norm(self._batch_norm_similarity)
+            scale, shift = folded_batch_norm(self._batch_norm_similarity)
             # [terms, 1, heads, 1, 1] -> per term [heads, 1, 1], applied to q or k (linear).
             term_scales = tf.unstack(tf.cast(scale[:, 0], dtype), axis=0)
         terms = []
@@ -295,7 +275,7 @@ class AxialAttention(tfk.layers.Layer):
 
         # Retrieved terms, each [b, heads, L, value_depth].
         if fold:
-            scale, shift = _folded_batch_norm(self._batch_norm_retrieved_output)
+            scale, shift = folded_batch_norm(self._batch_norm_retrieved_output)
             # Per term [heads, 1, value_depth].
             term_scales = tf.unstack(tf.cast(scale[:, 0], dtype), axis=0)
         retrieved = []

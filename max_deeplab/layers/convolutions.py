@@ -1,5 +1,8 @@
 """Convolution + batch norm + activation wrappers used throughout MaX-DeepLab.
 
+Out of training each wrapper folds its batch norm into the convolution
+(`batch_norm_folding`): one convolution with a scaled kernel and a bias, the same affine map.
+
 Sub-layer attribute names (`_conv`, `_batch_norm`, `_depthwise`, `_pointwise`) and weight
 names follow the reference implementation's checkpoint layout (docs/reference_checkpoints.md),
 so its published checkpoints map onto ours one to one.
@@ -10,6 +13,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 import tf_keras as tfk
+
+from max_deeplab.layers.batch_norm_folding import folded_batch_norm, folds_batch_norm
 
 BatchNormFactory = Callable[..., tfk.layers.Layer]
 
@@ -45,10 +50,64 @@ def symmetric_padding(kernel_size: int, atrous_rate: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def _folds(batch_norm: tfk.layers.Layer | None, training) -> bool:
+    """Whether a wrapper takes its folded inference path: a built batch norm (the first
+    call builds the layers the plain way) that would use its moving statistics."""
+    return batch_norm is not None and batch_norm.built and folds_batch_norm(training)
+
+
+def _folded_kernel(kernel: tf.Tensor, batch_norm: tfk.layers.Layer,
+                   depthwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """`kernel` with its output channels scaled by the inference batch norm, and the norm's
+    shift as a bias, both in the kernel's dtype (the layer's compute dtype: under a
+    mixed-precision policy Keras reads the kernel autocast). The product is taken in the
+    batch norm's float32 and rounded once. A depthwise kernel [h, w, C, 1] scales along C."""
+    scale, shift = folded_batch_norm(batch_norm)
+    if depthwise:
+        scale = scale[:, tf.newaxis]
+    folded = tf.cast(kernel, scale.dtype) * scale
+    return tf.cast(folded, kernel.dtype), tf.cast(shift, kernel.dtype)
+
+
+class PaddedConv2D(tfk.layers.Conv2D):
+    """A Keras `Conv2D` (same weights, same checkpoint names) whose zero padding is given per
+    side, `pad` = (before, after) on both spatial axes, and applied by the convolution op
+    itself (`tf.nn.conv2d`'s explicit padding).
+
+    The same result as `tf.pad` followed by a 'valid' convolution, without the padded copy of
+    the input: that copy costs a pass over the feature map, and its gradient keeps it alive
+    until the backward pass (docs/memory.md, "Saved activations"; at 321x321 the stride-2
+    convolutions' pads were 45 MiB of MaX-DeepLab-S's saved activations).
+    """
+
+    def __init__(self, filters: int, kernel_size: int, *, pad: tuple[int, int],
+                 **kwargs):
+        super().__init__(filters, kernel_size, padding="valid", **kwargs)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(f"{self.name}: strides {self.strides} with dilation "
+                             f"{self.dilation_rate}: a convolution takes one or the other")
+        self._pad = tuple(pad)
+
+    def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        lo, hi = self._pad
+        return tf.nn.conv2d(inputs, kernel, strides=list(self.strides),
+                            padding=[[0, 0], [lo, hi], [lo, hi], [0, 0]],
+                            dilations=list(self.dilation_rate))
+
+    def _spatial_output_shape(self, spatial_input_shape):
+        padded = [None if length is None else length + sum(self._pad)
+                  for length in spatial_input_shape]
+        return super()._spatial_output_shape(padded)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "pad": self._pad}
+
+
 class ConvBN(tfk.layers.Layer):
     """2-D convolution, optional batch norm, optional activation.
 
-    Stride 1 uses 'same' padding; stride > 1 pads symmetrically and convolves 'valid'.
+    Stride 1 uses 'same' padding; stride > 1 pads symmetrically (`symmetric_padding`) inside
+    the convolution (`PaddedConv2D`).
     """
 
     def __init__(self, filters: int, kernel_size: int, name: str, *, strides: int = 1,
@@ -59,24 +118,27 @@ class ConvBN(tfk.layers.Layer):
         super().__init__(name=name)
         if use_bn and use_bias:
             raise ValueError(f"{name}: a convolution followed by batch norm takes no bias")
-        self._strides = strides
-        padding = "same"
-        if strides > 1:
-            self._padding = symmetric_padding(kernel_size, atrous_rate)
-            padding = "valid"
-        self._conv = tfk.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
-            dilation_rate=atrous_rate, name="conv", kernel_initializer=kernel_initializer,
+        conv_options = dict(
+            strides=strides, use_bias=use_bias, dilation_rate=atrous_rate, name="conv",
+            kernel_initializer=kernel_initializer,
             kernel_regularizer=tfk.regularizers.l2(weight_decay) if weight_decay else None)
+        if strides > 1:
+            self._conv = PaddedConv2D(filters, kernel_size,
+                                      pad=symmetric_padding(kernel_size, atrous_rate),
+                                      **conv_options)
+        else:
+            self._conv = tfk.layers.Conv2D(filters, kernel_size, padding="same",
+                                           **conv_options)
         self._batch_norm = (bn_layer(axis=3, name="batch_norm",
                                      gamma_initializer=bn_gamma_initializer)
                             if use_bn else None)
         self._activation_fn = get_activation(activation)
 
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        if self._strides > 1:
-            lo, hi = self._padding
-            x = tf.pad(x, [[0, 0], [lo, hi], [lo, hi], [0, 0]])
+        if _folds(self._batch_norm, training):
+            kernel, bias = _folded_kernel(self._conv.kernel, self._batch_norm)
+            return self._activation_fn(
+                tf.nn.bias_add(self._conv.convolution_op(x, kernel), bias))
         x = self._conv(x)
         if self._batch_norm is not None:
             x = self._batch_norm(x, training=training)
@@ -105,6 +167,10 @@ class Conv1DBN(tfk.layers.Layer):
         self._activation_fn = get_activation(activation)
 
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if _folds(self._batch_norm, training):
+            kernel, bias = _folded_kernel(self._conv.kernel, self._batch_norm)
+            return self._activation_fn(
+                tf.nn.bias_add(self._conv.convolution_op(x, kernel), bias))
         x = self._conv(x)
         if self._batch_norm is not None:
             x = self._batch_norm(x, training=training)
@@ -124,6 +190,13 @@ class DepthwiseConvBN(tfk.layers.Layer):
         self._activation_fn = get_activation(activation)
 
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if _folds(self._batch_norm, training):
+            layer = self._depthwise_conv
+            kernel, bias = _folded_kernel(layer.depthwise_kernel, self._batch_norm,
+                                          depthwise=True)
+            y = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding="SAME",
+                                       dilations=layer.dilation_rate)
+            return self._activation_fn(tf.nn.bias_add(y, bias))
         return self._activation_fn(self._batch_norm(self._depthwise_conv(x), training=training))
 
 
