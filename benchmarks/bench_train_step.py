@@ -58,6 +58,10 @@ slots = model.encoder._num_mask_slots
 loss_fn = MaXDeepLabLoss(matching_backend="scipy")
 optimizer = {"none": lambda: None, "adam": lambda: tfk.optimizers.Adam(1e-4),
              "paper": lambda: build_optimizer(total_steps=100000, model=model)}[optimizer_name]()
+if optimizer is not None:
+    # As `Trainer` does: the optimiser's state exists before the step is traced. (Created
+    # inside the trace instead, the paper step's peak RSS was 0.43 GB higher here.)
+    optimizer.build(model.trainable_variables)
 rng = np.random.default_rng(0)
 k = min(8, slots)
 segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
