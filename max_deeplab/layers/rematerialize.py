@@ -22,8 +22,8 @@ as `tf.recompute_grad`, plus what a training-mode Keras block needs to be recomp
   autocasting wrappers; under a `MirroredStrategy`, the replica's components), and the
   recomputation's tape watches exactly those.
 - The recomputation waits for the gradients of the outputs: its inputs get a data
-  dependency on them (an added zero), so neither grappler nor XLA can run it early, or merge
-  it with the forward pass, which would keep the internals alive after all.
+  dependency on all of them (an added zero), so neither grappler nor XLA can run it early,
+  or merge it with the forward pass, which would keep the internals alive after all.
 
 Replay mode is per thread (a `MirroredStrategy` runs each replica's step in its own thread,
 and hands control between them inside synchronised batch norms).
@@ -110,7 +110,11 @@ def rematerialized_call(layer: tfk.layers.Layer, inputs: Sequence[tf.Tensor],
             output_gradients = [tf.zeros_like(output) if gradient is None else gradient
                                 for output, gradient in zip(outputs, output_gradients,
                                                             strict=True)]
-            dependency = _after(output_gradients[0])
+            # After every output's gradient, not just the first: an output nothing
+            # downstream reads gets a zeros tensor from TensorFlow that depends on nothing,
+            # and waiting on that alone would let the recomputation run in the forward
+            # pass and keep its internals until the backward pass.
+            dependency = tf.add_n([_after(gradient) for gradient in output_gradients])
             replay_inputs = [arg + tf.cast(dependency, arg.dtype) for arg in args]
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(replay_inputs)
