@@ -12,10 +12,10 @@ graph of the step, with no run needed:
   (ops the runtime would prune do not count);
 - a saved activation is an input of a backward op produced outside the backward pass:
   variable reads, constants and the step's own inputs excluded (they are resident anyway),
-  views followed to the buffer they share (Reshape, ExpandDims, Squeeze, Identity, ...), each
-  buffer counted once. An op the backward pass needs that does not depend on the seed
-  (`Shape`, a ReLU's mask) runs during the forward pass, so it is the forward tensor it keeps
-  that counts, not its input.
+  views followed to the buffer they share (Reshape, ExpandDims, Squeeze, Identity, the k-th
+  output of an IdentityN to its k-th input, a Pad by zero), each buffer counted once. An op
+  the backward pass needs that does not depend on the seed (`Shape`, a ReLU's mask) runs
+  during the forward pass, so it is the forward tensor it keeps that counts, not its input.
 
 Sizes are from the static shapes of a fixed-size batch; a tensor of unknown shape is
 counted apart. Grappler and XLA may fuse, re-order or free earlier; this is the program as
@@ -40,8 +40,7 @@ SEED_NAME = "backward_seed"
 VIEW_OPS = frozenset({"Reshape", "ExpandDims", "Squeeze", "Identity", "IdentityN",
                       "StopGradient", "Snapshot", "EnsureShape", "PreventGradient"})
 # Producers whose tensors are not activations of the step: resident anyway.
-RESIDENT_OPS = frozenset({"ReadVariableOp", "Const", "Placeholder", "VarHandleOp",
-                          "ResourceGather"})
+RESIDENT_OPS = frozenset({"ReadVariableOp", "Const", "Placeholder", "VarHandleOp"})
 GRADIENT_SCOPE = "gradient_tape/"
 
 
@@ -81,6 +80,24 @@ def _descendants(op, consumers) -> set:
     return seen
 
 
+def _zero_padding(op) -> bool:
+    """A Pad whose paddings are all zero: TensorFlow forwards the input buffer."""
+    if op.type not in ("Pad", "PadV2") or len(op.inputs) < 2:
+        return False
+    import tensorflow as tf
+
+    paddings = tf.get_static_value(op.inputs[1])
+    return paddings is not None and not paddings.any()
+
+
+def _buffer_of(t):
+    """The tensor whose buffer `t` shares: views followed to their source (an IdentityN's
+    k-th output is its k-th input)."""
+    while t.op.inputs and (t.op.type in VIEW_OPS or _zero_padding(t.op)):
+        t = t.op.inputs[t.value_index if t.op.type == "IdentityN" else 0]
+    return t
+
+
 def saved_activations(graph, seed_name: str = SEED_NAME) -> list[SavedTensor]:
     """The forward tensors the backward pass of `graph` reads (see the module docstring),
     largest first. `graph` is a traced step (`concrete_function.graph`) whose gradient
@@ -100,8 +117,7 @@ def saved_activations(graph, seed_name: str = SEED_NAME) -> list[SavedTensor]:
         for t in op.inputs:
             if t.op in backward:
                 continue
-            while t.op.type in VIEW_OPS and t.op.inputs:
-                t = t.op.inputs[0]
+            t = _buffer_of(t)
             if t.op.type in RESIDENT_OPS or t.name in saved:
                 continue
             shape = t.shape

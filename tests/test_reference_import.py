@@ -151,7 +151,7 @@ def test_tiny_import_with_folded_batch_norms(tiny, io):
     for key, floor in sensitivity.items():
         change = np.abs(folded[key] - unfolded[key]).max()
         assert 0 < floor <= 2e-3 * unfolded[key].std(), (key, floor)
-        assert change <= 5 * floor, (key, change, floor)
+        assert 0 < change <= 5 * floor, (key, change, floor)  # folded, and close
     pan = postprocess(folded, is_thing=np.arange(133) < 80, image_size=(65, 65),
                       class_threshold=0.7, pixel_threshold=0.4, thing_area_limit=100,
                       stuff_area_limit=1600, area_limit_reference_size=None,

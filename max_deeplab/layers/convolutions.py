@@ -60,8 +60,9 @@ def _folded_kernel(kernel: tf.Tensor, batch_norm: tfk.layers.Layer,
                    depthwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """`kernel` with its output channels scaled by the inference batch norm, and the norm's
     shift as a bias, both in the kernel's dtype (the layer's compute dtype: under a
-    mixed-precision policy Keras reads the kernel autocast). The product is taken in the
-    batch norm's float32 and rounded once. A depthwise kernel [h, w, C, 1] scales along C."""
+    mixed-precision policy Keras reads the kernel autocast, already rounded to bfloat16; the
+    product is taken in the batch norm's float32 and rounded again). A depthwise kernel
+    [h, w, C, 1] (channel multiplier 1, as `DepthwiseConvBN` builds it) scales along C."""
     scale, shift = folded_batch_norm(batch_norm)
     if depthwise:
         scale = scale[:, tf.newaxis]
@@ -82,6 +83,7 @@ class PaddedConv2D(tfk.layers.Conv2D):
 
     def __init__(self, filters: int, kernel_size: int, *, pad: tuple[int, int],
                  **kwargs):
+        kwargs.pop("padding", None)  # get_config() carries the parent's "valid"
         super().__init__(filters, kernel_size, padding="valid", **kwargs)
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(f"{self.name}: strides {self.strides} with dilation "
