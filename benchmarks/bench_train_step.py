@@ -48,13 +48,15 @@ from max_deeplab.losses import MaXDeepLabLoss
 from max_deeplab.model import build_model
 from max_deeplab.training.optimizers import build_optimizer
 
+sys.path.insert(0, sys.argv[5])
+from machine_units import matmul_unit
+from synthetic_step_batch import synthetic_step_batch
+
 config, crop, steps, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 optimizer_name, _, remat = variant.partition("+")
 parse_config([config], [f"build_model.input_size = ({crop}, {crop})",
                         f"BlockGroup.rematerialize = {remat == 'remat'}"])
 model = build_model()
-num_classes = model.num_classes
-slots = model.encoder._num_mask_slots
 loss_fn = MaXDeepLabLoss(matching_backend="scipy")
 optimizer = {"none": lambda: None, "adam": lambda: tfk.optimizers.Adam(1e-4),
              "paper": lambda: build_optimizer(total_steps=100000, model=model)}[optimizer_name]()
@@ -62,18 +64,7 @@ if optimizer is not None:
     # As `Trainer` does: the optimiser's state exists before the step is traced. (Created
     # inside the trace instead, the paper step's peak RSS was 0.43 GB higher here.)
     optimizer.build(model.trainable_variables)
-rng = np.random.default_rng(0)
-k = min(8, slots)
-segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
-targets = {
-    "image": tf.random.uniform([1, crop, crop, 3], 0, 255),
-    "segment_ids": tf.constant(segment_ids),
-    "segment_classes": tf.constant(rng.integers(0, num_classes, (1, slots)), tf.int32),
-    "segment_valid": tf.constant(np.arange(slots)[None] < k),
-    "segment_is_thing": tf.constant(np.arange(slots)[None] % 2 == 0),
-    "semantic": tf.constant(np.where(segment_ids >= 0, segment_ids % num_classes, -1),
-                            tf.int32),
-}
+targets = synthetic_step_batch(model, crop)
 
 @tf.function
 def step(batch):
@@ -86,8 +77,6 @@ def step(batch):
     return losses["total"]
 
 bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") == "true"
-sys.path.insert(0, sys.argv[5])
-from machine_units import matmul_unit
 # The time unit before and after the steps: on a shared machine it drifts (it has read 0.31
 # and 0.47 s within minutes here), and a step's units are only as good as its unit.
 unit_before = None if bfc else matmul_unit()[0]

@@ -34,6 +34,9 @@ import argparse
 import collections
 import dataclasses
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SEED_NAME = "backward_seed"
 # Ops whose output is a view of their first input's buffer (TensorFlow forwards it).
@@ -151,8 +154,8 @@ def traced_training_step(config: str, crop: int, bindings: list[str]):
     """The graph of MaX-DeepLab's training-mode forward, loss and gradients for `config` at a
     `crop` x `crop` batch of one (bench_train_step.py's batch), its gradient seeded by an op
     named `SEED_NAME`."""
-    import numpy as np
     import tensorflow as tf
+    from synthetic_step_batch import synthetic_step_batch
 
     from max_deeplab.gin_config import parse_config
     from max_deeplab.losses import MaXDeepLabLoss
@@ -161,20 +164,7 @@ def traced_training_step(config: str, crop: int, bindings: list[str]):
     parse_config([config], [f"build_model.input_size = ({crop}, {crop})", *bindings])
     model = build_model()
     loss_fn = MaXDeepLabLoss(matching_backend="scipy")
-    slots = model.encoder._num_mask_slots
-    rng = np.random.default_rng(0)
-    k = min(8, slots)
-    segment_ids = rng.integers(-1, k, size=(1, crop, crop)).astype(np.int32)
-    batch = {
-        "image": tf.TensorSpec([1, crop, crop, 3], tf.float32),
-        "segment_ids": tf.constant(segment_ids),
-        "segment_classes": tf.constant(rng.integers(0, model.num_classes, (1, slots)),
-                                       tf.int32),
-        "segment_valid": tf.constant(np.arange(slots)[None] < k),
-        "segment_is_thing": tf.constant(np.arange(slots)[None] % 2 == 0),
-        "semantic": tf.constant(np.where(segment_ids >= 0, segment_ids % model.num_classes,
-                                         -1), tf.int32),
-    }
+    batch = synthetic_step_batch(model, crop)
 
     @tf.function
     def step(image):
@@ -184,7 +174,7 @@ def traced_training_step(config: str, crop: int, bindings: list[str]):
         return tape.gradient(losses["total"], model.trainable_variables,
                              output_gradients=seed)
 
-    return step.get_concrete_function(batch["image"]).graph
+    return step.get_concrete_function(tf.TensorSpec(batch["image"].shape, tf.float32)).graph
 
 
 def main() -> None:
