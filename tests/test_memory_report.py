@@ -6,12 +6,11 @@ XLA, and this process's TensorFlow is already initialised (tests/conftest.py).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmark_modules import load_benchmark
 
 # x @ w1 -> h [256, 1024] (1 MiB), h @ w2 -> y [256, 128] (128 KiB), v += y, return sum(y).
 TOY = r"""
@@ -33,17 +32,8 @@ toy.experimental_get_compiler_ir(
 """
 
 
-def _memory_table():
-    spec = importlib.util.spec_from_file_location(
-        "memory_table", os.path.join(REPO, "benchmarks", "memory_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("memory_table", module)  # its dataclass looks itself up there
-    spec.loader.exec_module(sys.modules["memory_table"])
-    return sys.modules["memory_table"]
-
-
 def test_buffer_assignment_of_a_toy_matches_the_hand_count(tmp_path):
-    memory_table = _memory_table()
+    memory_table = load_benchmark("memory_table")
     dump = str(tmp_path / "dump")
     subprocess.run([sys.executable, "-c", TOY, memory_table.xla_dump_flags(dump)],
                    check=True, capture_output=True, timeout=120)

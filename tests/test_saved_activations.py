@@ -4,31 +4,16 @@ convolutions pad inside the convolution (no padded copy kept for the backward pa
 `BlockGroup.rematerialize` keeps less of the blocks it recomputes."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import gin
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as tfk
+from benchmark_modules import load_benchmark
 
 from max_deeplab.layers.convolutions import ConvBN, symmetric_padding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _accounting():
-    spec = importlib.util.spec_from_file_location(
-        "saved_activations", os.path.join(REPO, "benchmarks", "saved_activations.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("saved_activations", module)  # its dataclass looks itself up
-    spec.loader.exec_module(module)
-    return module
-
-
-accounting = _accounting()
+accounting = load_benchmark("saved_activations")
 
 
 def _graph_of(loss_fn, variables, *input_specs):
